@@ -1,0 +1,38 @@
+# The README's commands. Each creates .venv when it is missing and installs the course into it.
+#   make course   execute every lecture notebook into build/ (open build/index.html)
+#   make test     run the whole test suite
+#   make lab      open the course in JupyterLab
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Re-install when the package's requirements change.
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: course test lab bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+$(VENV)/.installed-lab: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,lab]"
+	touch $@
+
+course: $(STAMP)
+	$(BIN)/lecturekit course $(if $(FAST),--fast)
+
+test: $(STAMP)
+	LECTUREKIT_STANDIN=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lab: $(VENV)/.installed-lab
+	$(BIN)/lecturekit lab
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,146 @@
+"""The ``lecturekit`` command: ``lab``, ``course``, ``train`` (and more as the course grows).
+
+    lecturekit lab                 open the course in JupyterLab
+    lecturekit course [--fast]     execute every lecture notebook into build/ (HTML + index page)
+    lecturekit train [--out FILE]  reproduce the bundled course-model weights from the recipe's seed
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_course", "find_root"]
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The course folder: the nearest parent of ``start`` (default: cwd) that holds notebooks/."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "notebooks").is_dir():
+            return folder
+    raise SystemExit(f"no notebooks/ folder found in {here} or its parents; run this inside the course folder")
+
+
+def _notebook_title(path: Path) -> str:
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                if line.startswith("#"):
+                    return line.lstrip("#").strip()
+    return path.stem
+
+
+def build_course(root: Path, out: Path, fast: bool = False, timeout: int = 1800,
+                 only: list[str] | None = None) -> list[dict]:
+    """Execute each notebook of ``root/notebooks`` (in order) into ``out/NAME.html``, plus ``out/index.html``.
+
+    ImageNet cells use the real weights when they are cached or downloadable, stand-ins otherwise
+    (``LECTUREKIT_STANDIN=auto`` unless already set). Returns one dict per notebook with its status.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+    from nbconvert import HTMLExporter
+
+    notebooks = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        notebooks = [p for p in notebooks if any(p.name.startswith(o) for o in only)]
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("LECTUREKIT_STANDIN", "auto")
+    if fast:
+        os.environ["LECTUREKIT_FAST"] = "1"
+    exporter = HTMLExporter()
+    results = []
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        start = time.perf_counter()
+        status = "ok"
+        try:
+            NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                           resources={"metadata": {"path": str(path.parent)}}).execute()
+        except CellExecutionError as err:
+            status = "failed: " + str(err).strip().splitlines()[-1][:200]
+        seconds = time.perf_counter() - start
+        body, _ = exporter.from_notebook_node(nb)
+        (out / f"{path.stem}.html").write_text(body, encoding="utf-8")
+        results.append(dict(name=path.stem, title=_notebook_title(path), status=status, seconds=seconds))
+        print(f"{path.name:45s} {status:10s} {seconds:6.1f} s", flush=True)
+    rows = "\n".join(
+        f'<li><a href="{html.escape(r["name"])}.html">{html.escape(r["title"])}</a>'
+        f' <small>({r["status"]}, {r["seconds"]:.0f} s)</small></li>' for r in results)
+    (out / "index.html").write_text(
+        "<!doctype html><meta charset='utf-8'><title>Visualizing and Understanding CNNs</title>"
+        "<style>body{font-family:sans-serif;max-width:50em;margin:2em auto}li{margin:.4em 0}</style>"
+        f"<h1>Visualizing and Understanding CNNs</h1><p>Executed notebooks of the course.</p><ol>{rows}</ol>",
+        encoding="utf-8")
+    return results
+
+
+def _cmd_course(args) -> int:
+    root = find_root()
+    out = Path(args.out) if args.out else root / "build"
+    results = build_course(root, out, fast=args.fast, only=args.only or None)
+    print(f"open {out / 'index.html'}")
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+def _cmd_lab(args) -> int:
+    root = find_root()
+    try:
+        import jupyterlab  # noqa: F401
+    except ImportError:
+        print("JupyterLab is not installed: pip install 'lecturekit[lab]' (or `make lab`)", file=sys.stderr)
+        return 1
+    return subprocess.call([sys.executable, "-m", "jupyter", "lab", str(root / "notebooks"), *args.extra])
+
+
+def _cmd_train(args) -> int:
+    from . import data, training
+
+    model, history = training.train_course_model(steps=args.steps, seed=args.seed, out=Path(args.out),
+                                                 progress=not args.quiet)
+    test = data.shapes(2000, seed=training.TEST_SEED)
+    print(f"trained {args.steps} steps in {history.seconds:.0f} s; validation accuracy "
+          f"{history.val_acc[-1]:.4f}; held-out test accuracy {training.evaluate(model, test):.4f}; "
+          f"saved {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .models import WEIGHTS_PATH
+    from .training import RECIPE
+
+    parser = argparse.ArgumentParser(prog="lecturekit", description="Visualizing and Understanding CNNs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("lab", help="open the course in JupyterLab")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="arguments passed to jupyter lab")
+    p.set_defaults(func=_cmd_lab)
+
+    p = sub.add_parser("course", help="execute every lecture notebook into an HTML build with an index")
+    p.add_argument("--out", help="output folder (default: build/ in the course folder)")
+    p.add_argument("--fast", action="store_true", help="LECTUREKIT_FAST=1: small iteration counts")
+    p.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 04")
+    p.set_defaults(func=_cmd_course)
+
+    p = sub.add_parser("train", help="reproduce the bundled course-model weights")
+    p.add_argument("--out", default=str(WEIGHTS_PATH), help=f"where to save (default: {WEIGHTS_PATH})")
+    p.add_argument("--steps", type=int, default=RECIPE["steps"])
+    p.add_argument("--seed", type=int, default=RECIPE["seed"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""Images for the course: ShapesWorld, bundled natural images, and a validated image loader.
+
+ShapesWorld is the course's own data set: procedural RGB images of one object (a circle, a star, a
+heart, ...) of random colour, size, position and rotation on a cluttered background (smooth colour
+noise, distractor strokes and specks). Every image comes with the object's mask and box, so that an
+explanation of a prediction can be *scored* (pointing game, localisation error), which ImageNet
+photos cannot offer.
+
+Every image that leaves this module is a float tensor ``(N, 3, H, W)`` in [0, 1], RGB (DESIGN.md,
+contract 1).
+
+Notebook: 00_course_model
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CLASSES",
+    "ShapesBatch",
+    "shapes",
+    "sample_image",
+    "SAMPLE_IMAGES",
+    "load_image",
+    "to_tensor",
+    "to_pil",
+    "check_images",
+    "check_targets",
+]
+
+# ---------------------------------------------------------------------------------------------------
+# ShapesWorld
+# ---------------------------------------------------------------------------------------------------
+
+CLASSES: list[str] = ["circle", "square", "triangle", "star", "cross", "ring", "crescent", "heart"]
+
+# Images are generated in chunks, each with a seed derived from (seed, chunk index), so that
+# shapes(10, seed=s) is exactly the first 10 images of shapes(10_000, seed=s), and memory stays flat.
+_CHUNK = 256
+
+
+@dataclass
+class ShapesBatch:
+    """A batch of ShapesWorld images with their ground truth.
+
+    images: (N, 3, S, S) float in [0, 1];  labels: (N,) long;  masks: (N, S, S) bool, the object;
+    boxes: (N, 4) float ``(x0, y0, x1, y1)`` in pixels, x1/y1 exclusive;  classes: class names.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index) -> "ShapesBatch":
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return ShapesBatch(self.images[index], self.labels[index], self.masks[index],
+                           self.boxes[index], self.classes)
+
+    def to(self, device) -> "ShapesBatch":
+        return ShapesBatch(self.images.to(device), self.labels.to(device), self.masks.to(device),
+                           self.boxes.to(device), self.classes)
+
+
+def _level(name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Level function g(u, v) of a unit-sized shape: g <= 1 inside, growing roughly like distance.
+
+    u, v: (M, S, S) object-centred, rotated coordinates in units of the object's radius.
+    """
+    r = torch.sqrt(u * u + v * v)
+    if name == "circle":
+        return r
+    if name == "square":
+        return torch.maximum(u.abs(), v.abs()) / 0.78
+    if name == "triangle":  # equilateral, circumradius 1: three half-planes at distance 0.5
+        g = v / 0.5
+        for angle in (2.0944, 4.1888):  # 120 and 240 degrees
+            g = torch.maximum(g, (u * np.sin(angle) + v * np.cos(angle)) / 0.5)
+        return g
+    if name == "star":  # five spikes: a radius that is a triangle wave of the angle
+        theta = torch.atan2(u, v) * (5 / (2 * np.pi))
+        wave = 1 - (2 * (theta - torch.floor(theta)) - 1).abs()  # 1 on a spike, 0 between spikes
+        return r / (0.42 + 0.58 * wave)
+    if name == "cross":
+        arm = lambda a, b: torch.maximum(a.abs() / 1.0, b.abs() / 0.3)  # noqa: E731
+        return torch.minimum(arm(u, v), arm(v, u))
+    if name == "ring":
+        return torch.maximum(r, 1 + (0.55 - r) / 0.8)
+    if name == "crescent":
+        r_bite = torch.sqrt((u - 0.45) ** 2 + (v + 0.15) ** 2)
+        return torch.maximum(r, 1 + (0.78 - r_bite))
+    if name == "heart":  # two lobes and a point: two circles and a rotated square
+        lobe_l = torch.sqrt((u + 0.38) ** 2 + (v + 0.3) ** 2) / 0.5
+        lobe_r = torch.sqrt((u - 0.38) ** 2 + (v + 0.3) ** 2) / 0.5
+        point = (u.abs() + (v - 0.05).abs()) / 0.8
+        return torch.minimum(torch.minimum(lobe_l, lobe_r), point)
+    raise ValueError(f"unknown shape {name!r}; expected one of {CLASSES}")
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(M,) hue, saturation, value in [0, 1] -> (M, 3) RGB."""
+    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], dim=1)  # (M, 3)
+    return v[:, None] - v[:, None] * s[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def _chunk_generator(seed: int, chunk: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, chunk]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def _render_chunk(m: int, size: int, gen: torch.Generator, n_classes: int):
+    """Render _CHUNK images with the generator, return the first m (prefix-stable)."""
+    c = _CHUNK
+    rand = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    labels = torch.randint(0, n_classes, (c,), generator=gen)
+    radius = size * (0.17 + 0.15 * rand(c))  # object radius in pixels
+    cx = radius + (size - 2 * radius) * rand(c)
+    cy = radius + (size - 2 * radius) * rand(c)
+    angle = 2 * np.pi * rand(c)
+    obj_rgb = _hsv_to_rgb(rand(c), 0.55 + 0.45 * rand(c), 0.55 + 0.45 * rand(c))  # (c, 3) vivid
+    bg_mean = rand(c, 3) * 0.8 + 0.1  # (c, 3)
+    bg_noise = rand(c, 3, 6, 6)  # (c, 3, 6, 6) low-frequency colour noise
+    n_strokes = 3
+    stroke_p = rand(c, n_strokes, 2) * size  # a point on each stroke (pixels)
+    stroke_dir = 2 * np.pi * rand(c, n_strokes)
+    stroke_len = size * (0.2 + 0.5 * rand(c, n_strokes))
+    stroke_rgb = rand(c, n_strokes, 3)
+    specks = rand(c, 1, size // 4, size // 4)  # sparse coloured specks
+    speck_rgb = rand(c, 3, 1, 1)
+    pixel_noise = (rand(c, 3, size, size) - 0.5) * 0.1  # uniform: cheaper than randn, same purpose
+
+    keep = slice(0, m)
+    labels, radius, cx, cy, angle = labels[keep], radius[keep], cx[keep], cy[keep], angle[keep]
+
+    # Background: smooth colour field around a random mean colour.
+    bg = F.interpolate(bg_noise[keep], size=(size, size), mode="bilinear", align_corners=False)
+    img = (bg_mean[keep, :, None, None] + 0.35 * (bg - 0.5)).clamp(0, 1)  # (m, 3, S, S)
+
+    ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    # Distractor strokes: line segments about a pixel wide, random colours. All strokes at once:
+    # (m, K, S, S) with K strokes; torch.lerp composites in one pass.
+    px, py = stroke_p[keep, :, 0, None, None], stroke_p[keep, :, 1, None, None]  # (m, K, 1, 1)
+    dx, dy = torch.cos(stroke_dir[keep])[..., None, None], torch.sin(stroke_dir[keep])[..., None, None]
+    xr, yr = xs - px, ys - py  # (m, K, S, S)
+    along = (xr * dx + yr * dy).abs_()
+    across = (xr * dy - yr * dx).abs_()
+    stroke_alpha = (1.2 - across).clamp_(0, 1).mul_(along <= stroke_len[keep, :, None, None] / 2)
+    for j in range(n_strokes):
+        img = torch.lerp(img, stroke_rgb[keep, j, :, None, None].expand_as(img), stroke_alpha[:, j : j + 1])
+    speck_alpha = (specks[keep] > 0.93).float().repeat_interleave(4, 2).repeat_interleave(4, 3)
+    speck_alpha = F.pad(speck_alpha, (0, size % 4, 0, size % 4))  # (m, 1, S, S) 4x4-pixel specks
+    img = torch.lerp(img, speck_rgb[keep].expand_as(img), speck_alpha)
+
+    # The object: rotate pixel coordinates into the object's frame, evaluate its level function.
+    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    x_rel = (xs - cx[:, None, None]) / radius[:, None, None]  # (m, S, S)
+    y_rel = (ys - cy[:, None, None]) / radius[:, None, None]
+    u = cos * x_rel + sin * y_rel
+    v = cos * y_rel - sin * x_rel
+    g = torch.empty(m, size, size)
+    for k, name in enumerate(CLASSES[:n_classes]):
+        idx = (labels == k).nonzero(as_tuple=True)[0]
+        if len(idx):
+            g[idx] = _level(name, u[idx], v[idx])
+    # Soft edge about one pixel wide: (1 - g) * radius is roughly the distance to the edge in pixels.
+    alpha = (1 - g).mul_(radius[:, None, None] * 0.7).add_(0.5).clamp_(0, 1)  # (m, S, S)
+    masks = alpha >= 0.5
+    # Keep the object distinct from the background: push its colour away from the background mean.
+    rgb = obj_rgb[keep]
+    too_close = (rgb - bg_mean[keep]).abs().max(1).values < 0.35
+    rgb[too_close] = 1 - rgb[too_close] * 0.8
+    img = torch.lerp(img, rgb[:, :, None, None].expand_as(img), alpha[:, None])
+    img = img.add_(pixel_noise[keep]).clamp_(0, 1)
+
+    boxes = _boxes_from_masks(masks)
+    return img, labels, masks, boxes
+
+
+def _boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool -> (N, 4) float boxes (x0, y0, x1, y1), x1/y1 exclusive; zeros for empty masks."""
+    n, h, w = masks.shape
+    cols, rows = masks.any(1), masks.any(2)  # (N, W), (N, H)
+    x0 = cols.float().argmax(1)
+    x1 = w - cols.flip(1).float().argmax(1)
+    y0 = rows.float().argmax(1)
+    y1 = h - rows.flip(1).float().argmax(1)
+    boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
+    boxes[~cols.any(1)] = 0
+    return boxes
+
+
+def shapes(n: int, seed: int = 0, size: int = 64, n_classes: int | None = None) -> ShapesBatch:
+    """Draw ``n`` ShapesWorld images, deterministically for ``seed``.
+
+    Returns a :class:`ShapesBatch`: images (N, 3, S, S) in [0, 1], labels (N,), masks (N, S, S) bool,
+    boxes (N, 4) in pixels. ``shapes(n, seed)`` is a prefix of ``shapes(m, seed)`` for m > n.
+    ``n_classes`` (default all 8) restricts the classes to the first few, for quick experiments.
+    """
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"expected a positive number of images n, got {n!r}")
+    if not isinstance(size, (int, np.integer)) or size < 16:
+        raise ValueError(f"expected an image size of at least 16 pixels, got {size!r}")
+    n_classes = len(CLASSES) if n_classes is None else n_classes
+    if not 2 <= n_classes <= len(CLASSES):
+        raise ValueError(f"expected n_classes between 2 and {len(CLASSES)}, got {n_classes}")
+    parts = []
+    for chunk, start in enumerate(range(0, n, _CHUNK)):
+        parts.append(_render_chunk(min(_CHUNK, n - start), size, _chunk_generator(seed, chunk), n_classes))
+    images, labels, masks, boxes = (torch.cat(p) for p in zip(*parts))
+    return ShapesBatch(images.contiguous(), labels, masks, boxes, list(CLASSES[:n_classes]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Natural images bundled inside dependencies (no download)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _skimage(name: str):
+    import skimage.data
+
+    return getattr(skimage.data, name)()
+
+
+def _sklearn(name: str):
+    from sklearn.datasets import load_sample_image
+
+    return load_sample_image(name)
+
+
+def _matplotlib(name: str):
+    import matplotlib.cbook
+
+    with matplotlib.cbook.get_sample_data(name) as f:
+        from PIL import Image
+
+        return np.asarray(Image.open(f).convert("RGB"))
+
+
+SAMPLE_IMAGES = {
+    "cat": lambda: _skimage("chelsea"),
+    "coffee": lambda: _skimage("coffee"),
+    "rocket": lambda: _skimage("rocket"),
+    "astronaut": lambda: _skimage("astronaut"),
+    "temple": lambda: _sklearn("china.jpg"),
+    "flower": lambda: _sklearn("flower.jpg"),
+    "grace_hopper": lambda: _matplotlib("grace_hopper.jpg"),
+    "brick": lambda: _skimage("brick"),
+    "grass": lambda: _skimage("grass"),
+    "gravel": lambda: _skimage("gravel"),
+}
+"""Name -> loader of a photo shipped inside scikit-image, scikit-learn or matplotlib."""
+
+
+def sample_image(name: str, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+    """A natural image bundled with a dependency, as (1, 3, H, W) in [0, 1].
+
+    Names: cat, coffee, rocket, astronaut, temple, flower, grace_hopper, and the grayscale textures
+    brick, grass, gravel (returned as RGB). ``size``: an int resizes the shorter side and crops the
+    centre to a square (as ImageNet models expect); a pair (H, W) resizes exactly.
+    """
+    if name not in SAMPLE_IMAGES:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), SAMPLE_IMAGES, n=3, cutoff=0.3)
+        raise ValueError(f"unknown sample image {name!r}; expected one of {sorted(SAMPLE_IMAGES)}"
+                         + (f" (did you mean {close}?)" if close else ""))
+    from PIL import Image
+
+    return to_tensor(Image.fromarray(np.asarray(SAMPLE_IMAGES[name]())), size=size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and converting images
+# ---------------------------------------------------------------------------------------------------
+
+MAX_PIXELS = 64_000_000  # refuse decompression bombs before decoding
+MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
+CACHE_DIR = Path(os.environ.get("LECTUREKIT_CACHE", Path.home() / ".cache" / "lecturekit"))
+
+
+def to_tensor(image, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+    """PIL image (any mode) or (H, W[, C]) uint8/float array -> (1, 3, H, W) float in [0, 1]."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+        image = Image.fromarray(arr)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+    if image.mode != "RGB":
+        # P and LA/RGBA with transparency: composite on white so that transparent areas are not black.
+        if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(white, rgba)
+        image = image.convert("RGB")
+    x = TF.to_tensor(image)  # (3, H, W) in [0, 1]
+    if size is not None:
+        if isinstance(size, int):
+            x = TF.center_crop(TF.resize(x, size, antialias=True), [size, size])
+        else:
+            x = TF.resize(x, list(size), antialias=True)
+        x = x.clamp(0, 1)
+    return x.unsqueeze(0)
+
+
+def to_pil(x: torch.Tensor):
+    """(3, H, W) or (1, 3, H, W) tensor in [0, 1] -> PIL RGB image."""
+    from torchvision.transforms import functional as TF
+
+    if x.dim() == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"expected one image, got a batch of {x.shape[0]}")
+        x = x[0]
+    return TF.to_pil_image(x.detach().cpu().clamp(0, 1))
+
+
+def _fetch(url: str, timeout: float) -> Path:
+    """Download ``url`` into the cache (once), refusing more than MAX_DOWNLOAD_BYTES."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    suffix = Path(url.split("?")[0]).suffix[:8]
+    path = CACHE_DIR / (hashlib.sha256(url.encode()).hexdigest()[:24] + suffix)
+    if path.exists():
+        return path
+    request = urllib.request.Request(url, headers={"User-Agent": "lecturekit"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and int(length) > MAX_DOWNLOAD_BYTES:
+                raise ValueError(f"{url} is {int(length)} bytes; expected at most {MAX_DOWNLOAD_BYTES}")
+            data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except OSError as err:
+        raise ValueError(f"could not fetch image {url} within {timeout} s: {err}") from err
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise ValueError(f"{url} is larger than {MAX_DOWNLOAD_BYTES} bytes; refusing to load it")
+    tmp = path.with_suffix(path.suffix + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)  # atomic: a half-written download never sits in the cache
+    return path
+
+
+def load_image(path_or_url, size: int | tuple[int, int] | None = None, timeout: float = 10.0) -> torch.Tensor:
+    """Load an image file or URL as (1, 3, H, W) float in [0, 1], RGB.
+
+    Any PIL mode (L, RGBA, P, CMYK, I;16, ...) becomes RGB. URLs are fetched with a ``timeout``,
+    at most 50 MB, and cached in ``~/.cache/lecturekit``. An unreadable, truncated or non-image file,
+    or an image of more than 64 megapixels, raises ``ValueError`` naming the file.
+    ``size``: as in :func:`sample_image`.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(path_or_url, (str, os.PathLike)) and str(path_or_url).startswith(("http://", "https://")):
+        path = _fetch(str(path_or_url), timeout)
+    elif isinstance(path_or_url, (str, os.PathLike)):
+        path = Path(path_or_url)
+        if not path.is_file():
+            raise ValueError(f"expected an image file, but {str(path)!r} does not exist or is not a file")
+    else:
+        raise TypeError(f"expected a path or URL string, got {type(path_or_url).__name__}")
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ValueError(f"{path} is {im.width}x{im.height} pixels; expected at most "
+                                 f"{MAX_PIXELS:,} pixels. Resize it first.")
+            im.load()  # decodes fully: a truncated file fails here, not later
+            return to_tensor(im, size=size)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"could not read {path} as an image (unreadable, truncated or not an image): {err}") from err
+
+
+def check_images(x, name: str = "x") -> torch.Tensor:
+    """Validate a batch of pixel-space images (DESIGN.md, contracts 1 and 6) and return it.
+
+    Expected: a float tensor (N, 3, H, W), N >= 1, finite, values in [0, 1].
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected {name} to be a torch.Tensor of shape (N, 3, H, W), got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected {name} of shape (N, 3, H, W), got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"expected a non-empty batch {name}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected {name} to be a float tensor in [0, 1], got dtype {x.dtype}")
+    if torch.isnan(x).any() or torch.isinf(x).any():
+        raise ValueError(f"expected finite values in {name}, found NaN or inf")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < 0 or hi > 1:
+        raise ValueError(f"expected {name} in pixel space [0, 1], got values in [{lo:.3g}, {hi:.3g}]"
+                         " (lecturekit models normalise inside; pass unnormalised images)")
+    return x
+
+
+def check_targets(target, n: int, n_classes: int | None = None) -> torch.Tensor:
+    """A class index (int) or LongTensor (N,) -> LongTensor (N,) (DESIGN.md, contract 2).
+
+    Raises ``ValueError``/``TypeError`` for a wrong shape or dtype, or an index outside [0, n_classes).
+    """
+    if isinstance(target, bool):
+        raise TypeError(f"expected a class index (int) or a LongTensor of shape ({n},), got a bool")
+    if isinstance(target, (int, np.integer)):
+        target = torch.full((n,), int(target), dtype=torch.long)
+    elif isinstance(target, torch.Tensor):
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise TypeError(f"expected integer class indices, got a tensor of dtype {target.dtype}")
+        if target.dim() == 0:
+            target = target.expand(n)
+        if target.shape != (n,):
+            raise ValueError(f"expected targets of shape ({n},), one per image, got {tuple(target.shape)}")
+        target = target.long()
+    else:
+        raise TypeError(f"expected a class index (int) or a LongTensor of shape ({n},), got {type(target).__name__}")
+    if n_classes is not None and len(target) and (target.min() < 0 or target.max() >= n_classes):
+        raise ValueError(f"expected class indices in [0, {n_classes}), got {target.tolist()[:8]}")
+    return target

@@ -1,0 +1,194 @@
+"""Hooks as context managers: capture activations (and their gradients), swap ReLU backward rules.
+
+Every context manager here removes what it added when the block ends, also when the block raises,
+and restores the model's train/eval mode and ``requires_grad`` flags (DESIGN.md, contract 5).
+In-place ReLUs are handled: gradients are read with a tensor hook on the layer's output, not with a
+module backward hook, which breaks on in-place operations (pytorch#61519), and the output handed
+downstream is a copy, so a later in-place op cannot overwrite what was captured.
+
+Notebooks: 03_activations (capture), 05_guided_backprop (ReLU rules), 06_cam_gradcam (gradients)
+"""
+from __future__ import annotations
+
+import difflib
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["resolve_layer", "layer_names", "Captured", "capture", "relu_backward", "preserved",
+           "RELU_RULES"]
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Names of all submodules, as in ``model.named_modules()`` (the root, named "", left out)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def resolve_layer(model: nn.Module, layer) -> tuple[str, nn.Module]:
+    """A layer given by name (``"features.7"``) or as a module object -> ``(name, module)``.
+
+    An unknown name raises ``ValueError`` listing the valid names closest to it (contract 3).
+    """
+    modules = dict(model.named_modules())
+    if isinstance(layer, nn.Module):
+        for name, module in modules.items():
+            if module is layer:
+                return name, module
+        raise ValueError(f"the module {type(layer).__name__} given as layer is not part of the model")
+    if not isinstance(layer, str):
+        raise TypeError(f"expected a layer name (str) or an nn.Module, got {type(layer).__name__}")
+    if layer not in modules or layer == "":
+        names = layer_names(model)
+        close = difflib.get_close_matches(layer, names, n=5, cutoff=0.0)
+        raise ValueError(f"unknown layer {layer!r}; closest valid names: {close} "
+                         f"(all names: lecturekit.hooks.layer_names(model))")
+    return layer, modules[layer]
+
+
+class Captured(dict):
+    """Activations by layer name, ``acts["features.3"]`` (N, C, h, w); gradients in ``acts.grads``."""
+
+    def __init__(self):
+        super().__init__()
+        self.grads: dict[str, torch.Tensor] = {}
+
+
+@contextmanager
+def capture(model: nn.Module, layers, grads: bool = False, detach: bool | None = None) -> Iterator[Captured]:
+    """Record the outputs of ``layers`` (names or modules) during the forward passes inside the block.
+
+    ``acts[name]`` is the layer's output of the last forward pass. With ``grads=True`` the outputs stay
+    attached to the graph (so ``torch.autograd.grad(score, acts[name])`` works), and after a backward
+    pass ``acts.grads[name]`` holds d(output of the backward)/d(activation). ``detach`` defaults to
+    ``not grads``. Hooks are removed when the block ends, also when it raises.
+
+        with capture(model, ["features.3"]) as acts:
+            model(x)
+        A = acts["features.3"]  # (N, C, h, w)
+    """
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    resolved = [resolve_layer(model, layer) for layer in layers]
+    detach = (not grads) if detach is None else detach
+    acts = Captured()
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module, inputs, output):
+            if not isinstance(output, torch.Tensor):
+                acts[name] = output
+                return None
+            acts[name] = output.detach() if detach else output
+            if grads and output.requires_grad:
+                def save_grad(grad, name=name):
+                    acts.grads[name] = grad.detach()
+                output.register_hook(save_grad)
+            # Hand a copy downstream: an in-place op after this layer (ReLU(inplace=True)) then
+            # changes the copy, never the tensor we captured.
+            return output.clone()
+        return hook
+
+    try:
+        for name, module in resolved:
+            handles.append(module.register_forward_hook(make_hook(name)))
+        yield acts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _guided(f_positive: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad * f_positive * (grad > 0)  # (f > 0) . (R > 0) . R
+
+
+def _deconvnet(f_positive: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad.clamp(min=0)  # (R > 0) . R, the forward mask is ignored
+
+
+def _backprop(f_positive: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad * f_positive  # (f > 0) . R, the ordinary rule
+
+
+RELU_RULES = {"guided": _guided, "deconvnet": _deconvnet, "backprop": _backprop}
+"""ReLU backward rules of Springenberg et al. 2015 (Fig. 1): R is the gradient from above, f the input."""
+
+
+class _RuleReLU(torch.autograd.Function):
+    """ReLU forward, a chosen rule backward."""
+
+    @staticmethod
+    def forward(ctx, x, rule):
+        ctx.rule = rule
+        ctx.save_for_backward(x > 0)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (f_positive,) = ctx.saved_tensors
+        return RELU_RULES[ctx.rule](f_positive, grad), None
+
+
+@contextmanager
+def relu_backward(model: nn.Module, rule: str = "guided") -> Iterator[nn.Module]:
+    """Inside the block, every ``nn.ReLU`` of ``model`` computes its backward pass with ``rule``.
+
+    rule: ``"guided"`` (guided backpropagation), ``"deconvnet"`` (Zeiler and Fergus 2014) or
+    ``"backprop"``. The ReLU modules' forward is swapped for the block (not hooked), so in-place ReLUs
+    work and the forward values are unchanged; the originals return when the block ends.
+    ReLUs called as functions (``F.relu``) inside a model's forward are not nn.ReLU modules and are
+    not swapped: a warning says so when a model has no nn.ReLU at all.
+    """
+    if rule not in RELU_RULES:
+        raise ValueError(f"unknown ReLU rule {rule!r}; expected one of {sorted(RELU_RULES)}")
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    if not relus:
+        import warnings
+
+        warnings.warn(f"{type(model).__name__} has no nn.ReLU modules; the {rule!r} rule changes nothing")
+    swapped = []
+    try:
+        for module in relus:
+            previous = module.__dict__.get("forward")  # an instance-level forward, if any
+            module.forward = lambda x, rule=rule: _RuleReLU.apply(x, rule)
+            swapped.append((module, previous))
+        yield model
+    finally:
+        for module, previous in swapped:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+
+
+@contextmanager
+def preserved(model: nn.Module, eval_mode: bool = True, freeze: bool = True) -> Iterator[nn.Module]:
+    """Leave the model as found (contract 5): mode, ``requires_grad`` flags and ``.grad`` of parameters.
+
+    Inside the block the model is in eval mode (``eval_mode``) and its parameters do not require
+    gradients (``freeze``): gradients with respect to the *input* then cost no weight gradients.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    try:
+        if eval_mode:
+            model.eval()
+        if freeze:
+            for p, _, _ in params:
+                p.requires_grad_(False)
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, requires_grad, grad in params:
+            p.requires_grad_(requires_grad)
+            p.grad = grad
+
+
+def iterate_batches(n: int, batch_size: int) -> Iterable[slice]:
+    """Slices of ``range(n)`` in steps of ``batch_size``."""
+    if batch_size < 1:
+        raise ValueError(f"expected a positive batch_size, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))

@@ -1,0 +1,224 @@
+"""The course's models: CourseNet trained on ShapesWorld, and torchvision's ImageNet classifiers.
+
+Every model returned here is in eval mode and carries its normalisation inside (a ``normalize``
+submodule applied first), so that every technique works in pixel space [0, 1] (DESIGN.md, contract 1).
+Layer names stay exactly as torchvision and the papers name them (``"features.12"``, ``"layer4"``).
+
+CourseNet is a plain conv/ReLU/max-pool network ending in global average pooling and one linear
+layer, the architecture for which CAM (Zhou et al. 2016, "Learning Deep Features for Discriminative
+Localization") is exact.
+
+Notebook: 00_course_model
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import CLASSES
+
+__all__ = [
+    "Normalize",
+    "CourseNet",
+    "course_model",
+    "imagenet_model",
+    "class_names",
+    "with_normalization",
+    "WEIGHTS_PATH",
+    "SHAPES_MEAN",
+    "SHAPES_STD",
+]
+
+WEIGHTS_PATH = Path(__file__).parent / "weights" / "coursenet.pt"
+# Channel statistics of ShapesWorld, measured over 20,000 images (seed 99); see lecturekit.training.
+SHAPES_MEAN = (0.499, 0.484, 0.474)
+SHAPES_STD = (0.275, 0.276, 0.279)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, for pixel-space input (N, 3, H, W) in [0, 1]."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        # Non-persistent buffers: they move with .to(device) but stay out of state_dict, so the
+        # checkpoints of torchvision and of CourseNet load unchanged.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class CourseNet(nn.Module):
+    """Conv/ReLU/max-pool features, global average pooling, one linear layer.
+
+    Input (N, 3, 64, 64) in [0, 1] (any size >= 16 works); output (N, n_classes) raw class scores.
+    The first convolution has 32 filters of 5x5 so that they are worth looking at (notebook 01).
+    Layers: ``features.0`` conv 5x5 -> ``features.2`` pool (32x32) -> ``features.3`` conv ->
+    ``features.5`` pool (16x16) -> ``features.6`` conv -> ``features.8`` pool (8x8) -> ``features.9``
+    conv -> ``features.10`` ReLU, the last feature maps A (N, 128, 8, 8) -> ``pool`` -> ``classifier``.
+    """
+
+    def __init__(self, n_classes: int = len(CLASSES), widths=(32, 32, 64, 128)):
+        super().__init__()
+        c1, c2, c3, c4 = widths
+        self.normalize = Normalize(SHAPES_MEAN, SHAPES_STD)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, c1, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c3, c4, 3, padding=1), nn.ReLU(inplace=True),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c4, n_classes)
+        self.class_names = list(CLASSES[:n_classes])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A = self.features(self.normalize(x))  # (N, C, h, w)
+        return self.classifier(self.pool(A).flatten(1))  # (N, n_classes)
+
+
+def course_model(pretrained: bool = True, seed: int = 0, device=None) -> CourseNet:
+    """CourseNet in eval mode: the bundled ShapesWorld weights, or (``pretrained=False``) seeded random ones.
+
+    The weights ship inside the package (``lecturekit/weights/coursenet.pt``) and are read with
+    ``torch.load(weights_only=True)``: offline, and nothing is unpickled. ``lecturekit train`` makes them.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CourseNet()
+    if pretrained:
+        if not WEIGHTS_PATH.is_file():
+            raise FileNotFoundError(f"the course model's weights are missing: expected {WEIGHTS_PATH}. "
+                                    "Run `lecturekit train` to make them.")
+        state = torch.load(WEIGHTS_PATH, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"] if "model" in state else state)
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def with_normalization(model: nn.Module, mean, std) -> nn.Module:
+    """Make ``model`` normalise its own pixel-space input, keeping its layer names.
+
+    Adds a ``normalize`` submodule and swaps the model's class for a subclass whose ``forward``
+    applies it first. Unlike wrapping in ``nn.Sequential``, the layer names stay as torchvision
+    names them (``features.12``, not ``1.features.12``), so they match papers and tutorials.
+    """
+    if isinstance(getattr(model, "normalize", None), Normalize):
+        raise ValueError("this model already normalises its input")
+    base = type(model)
+    model.normalize = Normalize(mean, std)
+
+    def forward(self, x):
+        return base.forward(self, self.normalize(x))
+
+    model.__class__ = type(f"Normalized{base.__name__}", (base,), {"forward": forward})
+    return model
+
+
+def _standin_mode(standin: bool | str | None) -> str:
+    """"yes", "no" or "auto" (real weights if they can be had, stand-ins otherwise)."""
+    if standin is None:
+        standin = os.environ.get("LECTUREKIT_STANDIN", "").strip().lower()
+    if standin in (True, "1", "true", "yes"):
+        return "yes"
+    if standin == "auto":
+        return "auto"
+    if standin in (False, "", "0", "false", "no"):
+        return "no"
+    raise ValueError(f"expected standin to be True, False or 'auto', got {standin!r}")
+
+
+def imagenet_model(name: str = "squeezenet1_1", standin: bool | str | None = None, seed: int = 0,
+                   weights: str = "DEFAULT", device=None) -> nn.Module:
+    """A torchvision ImageNet classifier by name, in eval mode, normalisation inside, pixel-space input.
+
+    The weights come through torchvision's weights API (``weights.get_state_dict``), so a checkpoint
+    already in the torch hub cache (``torch.hub.get_dir()/checkpoints``) is used without a network.
+    Offline and without the file, it fails fast with a message naming the file and the folder.
+    ``standin=True`` (or the environment variable ``LECTUREKIT_STANDIN=1``) builds the same
+    architecture with seeded random weights instead, and says so loudly: every cell of a notebook
+    still runs, but the pictures mean nothing. ``standin="auto"`` (or ``LECTUREKIT_STANDIN=auto``,
+    what ``lecturekit course`` uses) takes the real weights when it can and stand-ins otherwise.
+    ``class_names(model)`` gives the 1,000 labels; ``model.standin`` says which weights it has.
+    """
+    from torchvision import models as tvm
+
+    try:
+        weights_enum = tvm.get_model_weights(name)
+    except (ValueError, KeyError) as err:
+        import difflib
+
+        known = tvm.list_models(module=tvm)
+        close = difflib.get_close_matches(name, known, n=5)
+        raise ValueError(f"unknown torchvision classification model {name!r}; closest: {close}") from err
+    chosen = weights_enum[weights] if isinstance(weights, str) else weights
+    mode = _standin_mode(standin)
+    state = None
+    if mode != "yes":
+        try:
+            state = _imagenet_state_dict(chosen)
+        except RuntimeError:
+            if mode == "no":
+                raise
+    if state is None:
+        banner = (f"STAND-IN WEIGHTS: {name} has seeded random weights, not the trained ImageNet ones. "
+                  "Every cell runs, but predictions and pictures are meaningless.")
+        print("!" * 100 + f"\n!! {banner}\n" + "!" * 100, file=sys.stderr)
+        warnings.warn(banner, stacklevel=2)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = tvm.get_model(name, weights=None)
+        model.standin = True
+    else:
+        model = tvm.get_model(name, weights=None)
+        model.load_state_dict(state)
+        model.standin = False
+    preprocess = chosen.transforms()
+    model = with_normalization(model, preprocess.mean, preprocess.std)
+    model.class_names = list(chosen.meta["categories"])
+    model.input_size = preprocess.crop_size[0]
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def _imagenet_state_dict(weights) -> dict:
+    """Load the checkpoint through torchvision (which uses the hub cache), or fail fast and clearly."""
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    filename = os.path.basename(weights.url)
+    if not (checkpoints / filename).is_file() and os.environ.get("LECTUREKIT_OFFLINE"):
+        raise RuntimeError(_offline_message(weights, checkpoints, filename, "LECTUREKIT_OFFLINE is set"))
+    import socket
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(15)  # a dead network fails within seconds, not minutes
+    try:
+        return weights.get_state_dict(progress=False, check_hash=False)
+    except OSError as err:  # URLError, timeouts, DNS failures are all OSErrors
+        raise RuntimeError(_offline_message(weights, checkpoints, filename, err)) from err
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _offline_message(weights, folder: Path, filename: str, reason) -> str:
+    return (f"cannot load the ImageNet weights {weights}: the checkpoint file {filename} is not in the "
+            f"torch hub cache folder {folder} and it could not be downloaded ({reason}). Either download "
+            f"{weights.url} into {folder}, or pass standin=True (or set LECTUREKIT_STANDIN=1) to run "
+            "with random stand-in weights.")
+
+
+def class_names(model: nn.Module) -> list[str]:
+    """The class labels of a lecturekit model (CourseNet or imagenet_model), index -> name."""
+    names = getattr(model, "class_names", None)
+    if names is None:
+        raise ValueError(f"{type(model).__name__} carries no class names; expected a model from "
+                         "lecturekit.models.course_model() or imagenet_model()")
+    return list(names)

@@ -1,0 +1,160 @@
+"""Plots for the course: image grids with titles, heatmap overlays, learning curves (matplotlib).
+
+Images come in as pixel-space tensors (N, 3, H, W) in [0, 1] (or (N, H, W) / (N, 1, H, W) grayscale);
+maps as (N, H, W). Every function draws on a figure it returns, so notebooks can tweak or save it.
+Overlays are RGB (never BGR) and do not rescale a map per image unless asked: magnitudes matter when
+comparing explanations (Adebayo et al. 2018).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["show_images", "show_grid", "overlay", "show_heatmaps", "moving_average", "learning_curves"]
+
+
+def _to_numpy_images(images) -> np.ndarray:
+    """(N, 3, H, W) / (N, 1, H, W) / (N, H, W) tensor or array -> (N, H, W, 3) or (N, H, W) float."""
+    x = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, float)
+    if x.ndim == 3 and x.shape[0] in (1, 3) and x.shape[-1] not in (1, 3):
+        x = x[None]  # a single (C, H, W) image
+    if x.ndim == 4 and x.shape[1] in (1, 3):
+        x = x.transpose(0, 2, 3, 1)  # (N, H, W, C)
+    if x.ndim == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.ndim not in (3, 4):
+        raise ValueError(f"expected images of shape (N, 3, H, W), (N, 1, H, W) or (N, H, W), got {x.shape}")
+    return x
+
+
+def _grid_axes(n: int, ncols: int, size: float):
+    import matplotlib.pyplot as plt
+
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes.flat
+
+
+def show_images(images, titles: Sequence[str] | None = None, ncols: int = 8, size: float = 1.6,
+                scale_each: bool = False, cmap: str = "gray", suptitle: str | None = None):
+    """Show images in a grid with optional titles; returns the figure.
+
+    ``scale_each``: stretch each image to its own [min, max] (for filters and feature maps, whose
+    values are not pixels); otherwise values are clipped to [0, 1].
+    """
+    x = _to_numpy_images(images)
+    if titles is not None and len(titles) != len(x):
+        raise ValueError(f"expected one title per image ({len(x)}), got {len(titles)}")
+    fig, axes = _grid_axes(len(x), ncols, size)
+    for i, (ax, im) in enumerate(zip(axes, x)):
+        if scale_each:
+            lo, hi = im.min(), im.max()
+            im = (im - lo) / (hi - lo) if hi > lo else np.zeros_like(im)
+        ax.imshow(np.clip(im, 0, 1), cmap=cmap if im.ndim == 2 else None, vmin=0, vmax=1,
+                  interpolation="nearest" if im.shape[0] <= 32 else "antialiased")
+        if titles is not None:
+            ax.set_title(str(titles[i]), fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def show_grid(images, nrow: int = 8, scale_each: bool = True, padding: int = 1, title: str | None = None,
+              figsize=(6, 6)):
+    """One image of many small ones via ``torchvision.utils.make_grid`` (filters, feature maps)."""
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    x = images.detach().float().cpu()
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    grid = make_grid(x, nrow=nrow, normalize=scale_each, scale_each=scale_each, padding=padding, pad_value=1)
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.5, cmap: str = "jet",
+            normalize: bool = True) -> np.ndarray:
+    """An RGB (H, W, 3) array: ``image`` (3, H, W) in [0, 1] blended with ``heatmap`` (H, W).
+
+    ``normalize``: scale the map to [0, 1] by its maximum absolute value (the sign-less maps of
+    saliency, CAM); otherwise the map must already be in [0, 1].
+    """
+    import matplotlib
+
+    img = _to_numpy_images(image)[0]
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    h = heatmap.detach().float().cpu().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap, float)
+    h = np.squeeze(h)
+    if h.shape != img.shape[:2]:
+        raise ValueError(f"expected a heatmap of the image's size {img.shape[:2]}, got {h.shape}")
+    if normalize:
+        peak = np.abs(h).max()
+        h = np.abs(h) / peak if peak > 0 else np.zeros_like(h)
+    colours = matplotlib.colormaps[cmap](np.clip(h, 0, 1))[..., :3]
+    return np.clip((1 - alpha) * img + alpha * colours, 0, 1)
+
+
+def show_heatmaps(images: torch.Tensor, maps: torch.Tensor, titles: Sequence[str] | None = None,
+                  alpha: float = 0.5, ncols: int = 6, size: float = 2.0, cmap: str = "jet"):
+    """A row of images with their maps (N, H, W) overlaid; returns the figure."""
+    if len(images) != len(maps):
+        raise ValueError(f"expected as many maps as images, got {len(maps)} maps for {len(images)} images")
+    blended = np.stack([overlay(images[i], maps[i], alpha=alpha, cmap=cmap) for i in range(len(images))])
+    return show_images(blended.transpose(0, 3, 1, 2), titles=titles, ncols=ncols, size=size)
+
+
+def moving_average(values: Sequence[float], window: int = 20) -> np.ndarray:
+    """Trailing moving average; the first ``window - 1`` points average what is there so far."""
+    v = np.asarray(values, dtype=float)
+    if window < 1:
+        raise ValueError(f"expected a window of at least 1, got {window}")
+    csum = np.cumsum(np.insert(v, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(v) + 1), window)
+    return (csum[1:] - csum[np.maximum(0, np.arange(1, len(v) + 1) - window)]) / counts
+
+
+def learning_curves(history, window: int = 25, title: str | None = None):
+    """Loss and accuracy against the step, raw (faint) with a moving average (solid); returns the figure.
+
+    ``history``: a :class:`lecturekit.training.History` or a dict with ``loss`` (and optionally
+    ``train_acc``, ``val_step``, ``val_acc``).
+    """
+    import matplotlib.pyplot as plt
+
+    get = (lambda k: history.get(k, [])) if isinstance(history, dict) else (lambda k: getattr(history, k, []))
+    loss = np.asarray(get("loss"), float)
+    steps = np.arange(len(loss))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.4))
+    ax_loss.plot(steps, loss, color="tab:blue", alpha=0.25, lw=0.8, label="loss (per step)")
+    ax_loss.plot(steps, moving_average(loss, window), color="tab:blue", lw=2, label=f"moving average ({window})")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("cross-entropy loss")
+    ax_loss.legend()
+    train_acc = np.asarray(get("train_acc"), float)
+    if len(train_acc):
+        ax_acc.plot(steps, train_acc, color="tab:orange", alpha=0.2, lw=0.8)
+        ax_acc.plot(steps, moving_average(train_acc, window), color="tab:orange", lw=2, label="train (moving avg)")
+    if len(get("val_acc")):
+        ax_acc.plot(get("val_step"), get("val_acc"), "o-", color="tab:green", lw=2, label="validation")
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_ylim(0, 1.02)
+    ax_acc.legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,194 @@
+"""Training CourseNet on ShapesWorld, and the lecture's hyperparameter recipe as small functions.
+
+The recipe (CS231n lecture "Training Neural Networks II", slides "Choosing Hyperparameters"):
+1. check the initial loss (about log C for C classes, weight decay off);
+2. overfit a small sample (about 100% training accuracy on a few minibatches);
+3. find a learning rate that makes the loss drop within about 100 iterations;
+4. a coarse random search, log-uniform learning rate and weight decay, short runs
+   (random rather than grid search: Bergstra and Bengio 2012);
+5. refine and train longer; 6. read the loss and accuracy curves.
+
+Training data is drawn fresh for every step from ShapesWorld (an endless stream of new images), so
+the model cannot memorise its training set; validation images come from seeds training never uses.
+
+Notebook: 00_course_model
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data
+from .models import CourseNet, WEIGHTS_PATH
+
+__all__ = ["History", "train", "evaluate", "initial_loss", "overfit_small_sample", "lr_sweep",
+           "random_search", "train_course_model", "TRAIN_SEED_OFFSET", "VALIDATION_SEED", "TEST_SEED",
+           "RECIPE"]
+
+# Seeds: training batch k of a run with seed s uses data seed TRAIN_SEED_OFFSET + s * 1_000_000 + k.
+# Validation and test sets use seeds below that range, so training never sees them.
+TRAIN_SEED_OFFSET = 10_000_000
+VALIDATION_SEED = 1
+TEST_SEED = 2
+
+# The recipe that made the bundled weights (lecturekit train, notebook 00's refined run).
+RECIPE = dict(steps=900, batch_size=128, lr=3e-3, weight_decay=1e-4, seed=0)
+
+
+@dataclass
+class History:
+    """What a training run measured: per-step loss and training accuracy, periodic validation accuracy."""
+
+    step: list = field(default_factory=list)
+    loss: list = field(default_factory=list)
+    train_acc: list = field(default_factory=list)
+    val_step: list = field(default_factory=list)
+    val_acc: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss of the last 10% of steps (a single step's loss is too noisy to compare runs)."""
+        tail = max(1, len(self.loss) // 10)
+        return float(np.mean(self.loss[-tail:]))
+
+
+def _train_batch(seed: int, step: int, batch_size: int, sample: data.ShapesBatch | None):
+    if sample is not None:  # a fixed sample: cycle through it
+        n = len(sample)
+        idx = torch.arange(step * batch_size, (step + 1) * batch_size) % n
+        return sample.images[idx], sample.labels[idx]
+    b = data.shapes(batch_size, seed=TRAIN_SEED_OFFSET + seed * 1_000_000 + step)
+    return b.images, b.labels
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batch: data.ShapesBatch, batch_size: int = 500) -> float:
+    """Accuracy of ``model`` on a ShapesBatch, in eval mode (the mode is restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(batch), batch_size):
+        logits = model(batch.images[start:start + batch_size])
+        correct += (logits.argmax(1) == batch.labels[start:start + batch_size]).sum().item()
+    model.train(was_training)
+    return correct / len(batch)
+
+
+@torch.no_grad()
+def initial_loss(model: nn.Module, batch: data.ShapesBatch) -> float:
+    """Cross-entropy of the untrained model: should be close to log(C) (step 1 of the recipe)."""
+    was_training = model.training
+    model.eval()
+    loss = F.cross_entropy(model(batch.images), batch.labels).item()
+    model.train(was_training)
+    return loss
+
+
+def train(model: nn.Module, steps: int, lr: float, weight_decay: float = 0.0, batch_size: int = 128,
+          seed: int = 0, sample: data.ShapesBatch | None = None, val: data.ShapesBatch | None = None,
+          val_every: int = 100, schedule: str = "constant", progress: bool = True) -> History:
+    """Train ``model`` with AdamW for ``steps`` minibatches and return its :class:`History`.
+
+    ``sample``: train on this fixed ShapesBatch (to overfit it, step 2 of the recipe); otherwise every
+    step draws a fresh batch. ``schedule``: ``"constant"`` (what the recipe's search uses) or
+    ``"onecycle"`` (warm-up then cosine decay, for the final run). ``val``: measured every ``val_every``
+    steps and at the end. The training stops early if the loss becomes NaN.
+    """
+    from tqdm.auto import tqdm
+
+    if steps < 1:
+        raise ValueError(f"expected at least one training step, got steps={steps}")
+    if not lr > 0:
+        raise ValueError(f"expected a positive learning rate, got lr={lr}")
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = None
+    if schedule == "onecycle":
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    elif schedule != "constant":
+        raise ValueError(f"unknown schedule {schedule!r}; expected 'constant' or 'onecycle'")
+    history = History()
+    start = time.perf_counter()
+    model.train()
+    for step in tqdm(range(steps), disable=not progress, desc="train", leave=False):
+        images, labels = _train_batch(seed, step, batch_size, sample)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        history.step.append(step)
+        history.loss.append(loss.item())
+        history.train_acc.append((logits.argmax(1) == labels).float().mean().item())
+        if not math.isfinite(history.loss[-1]):
+            break
+        if val is not None and ((step + 1) % val_every == 0 or step == steps - 1):
+            history.val_step.append(step)
+            history.val_acc.append(evaluate(model, val))
+    model.eval()
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+def overfit_small_sample(model: nn.Module, n: int = 64, steps: int = 150, lr: float = 3e-3,
+                         seed: int = 0, progress: bool = True) -> History:
+    """Step 2 of the recipe: train on ``n`` fixed images, no weight decay, until it memorises them."""
+    sample = data.shapes(n, seed=seed + 1000)
+    return train(model, steps, lr, weight_decay=0.0, batch_size=min(n, 64), sample=sample,
+                 seed=seed, progress=progress)
+
+
+def lr_sweep(make_model, lrs, steps: int = 100, weight_decay: float = 1e-4, batch_size: int = 64,
+             seed: int = 0, progress: bool = True) -> dict[float, History]:
+    """Step 3: a short run for each learning rate from the same initial weights; lr -> History."""
+    return {lr: train(make_model(), steps, lr, weight_decay, batch_size, seed=seed, progress=progress)
+            for lr in lrs}
+
+
+def random_search(make_model, trials: int, steps: int, lr_range=(1e-4, 1e-1), wd_range=(1e-6, 1e-2),
+                  val: data.ShapesBatch | None = None, batch_size: int = 64, seed: int = 0,
+                  progress: bool = True) -> list[dict]:
+    """Step 4: ``trials`` short runs with learning rate and weight decay drawn log-uniformly.
+
+    Returns one dict per trial: lr, weight_decay, final_loss, val_acc (if ``val``), history.
+    """
+    rng = np.random.default_rng(seed)
+    results = []
+    for trial in range(trials):
+        lr = float(10 ** rng.uniform(*np.log10(lr_range)))
+        wd = float(10 ** rng.uniform(*np.log10(wd_range)))
+        h = train(make_model(), steps, lr, wd, batch_size, seed=seed, val=val, val_every=steps,
+                  progress=progress)
+        results.append(dict(lr=lr, weight_decay=wd, final_loss=h.final_loss,
+                            val_acc=h.val_acc[-1] if h.val_acc else float("nan"), history=h))
+    return results
+
+
+def train_course_model(steps: int = RECIPE["steps"], lr: float = RECIPE["lr"],
+                       weight_decay: float = RECIPE["weight_decay"], batch_size: int = RECIPE["batch_size"],
+                       seed: int = RECIPE["seed"], out=WEIGHTS_PATH, val_size: int = 1000,
+                       progress: bool = True) -> tuple[CourseNet, History]:
+    """Reproduce the bundled course model: CourseNet from seed ``seed``, the RECIPE's one-cycle run.
+
+    Saves ``{"model": state_dict, "recipe": ...}`` to ``out`` (None: do not save).
+    """
+    torch.manual_seed(seed)
+    model = CourseNet()
+    val = data.shapes(val_size, seed=VALIDATION_SEED)
+    history = train(model, steps, lr, weight_decay, batch_size, seed=seed, val=val, val_every=300,
+                    schedule="onecycle", progress=progress)
+    if out is not None:
+        recipe = dict(steps=steps, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
+                      val_acc=history.val_acc[-1], seconds=round(history.seconds, 1),
+                      torch=torch.__version__)
+        torch.save({"model": model.state_dict(), "recipe": recipe}, out)
+    return model, history

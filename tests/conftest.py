@@ -1,0 +1,47 @@
+"""Shared test set-up: offline, stand-in ImageNet weights, small notebook settings, no windows."""
+import os
+
+os.environ.setdefault("LECTUREKIT_STANDIN", "1")
+os.environ.setdefault("LECTUREKIT_FAST", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def course():
+    """The bundled course model (read-only in tests: never train it in place)."""
+    from lecturekit.models import course_model
+
+    return course_model()
+
+
+@pytest.fixture(scope="session")
+def shapes_batch():
+    from lecturekit.data import shapes
+
+    return shapes(16, seed=123)
+
+
+def tiny_net(inplace: bool = True, seed: int = 0) -> nn.Module:
+    """A small conv net with in-place ReLUs, for hook and gradient tests."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=inplace), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(inplace=inplace),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
+    )
+
+
+def model_state(model: nn.Module):
+    """Everything contract 5 says must be left as found."""
+    return dict(
+        modes=[m.training for m in model.modules()],
+        requires_grad=[p.requires_grad for p in model.parameters()],
+        grads=[p.grad for p in model.parameters()],
+        hooks=sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                  for m in model.modules()),
+        forwards=[m.__dict__.get("forward") for m in model.modules()],
+    )

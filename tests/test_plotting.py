@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+import torch
+
+from lecturekit import plotting
+
+
+def test_moving_average_by_hand():
+    got = plotting.moving_average([1, 2, 3, 4, 5], window=2)
+    assert np.allclose(got, [1, 1.5, 2.5, 3.5, 4.5])
+    assert np.allclose(plotting.moving_average([3, 3, 3], window=10), [3, 3, 3])
+    with pytest.raises(ValueError):
+        plotting.moving_average([1], window=0)
+
+
+def test_overlay_blends_in_rgb():
+    image = torch.zeros(3, 4, 4)
+    heat = torch.zeros(4, 4)
+    heat[0, 0] = 2.0
+    out = plotting.overlay(image, heat, alpha=1.0, cmap="gray")
+    assert out.shape == (4, 4, 3)
+    assert np.allclose(out[0, 0], 1) and np.allclose(out[1, 1], 0)
+    with pytest.raises(ValueError, match="size"):
+        plotting.overlay(image, torch.zeros(5, 5))
+
+
+def test_figures_have_the_right_panels():
+    import matplotlib.pyplot as plt
+
+    fig = plotting.show_images(torch.rand(5, 3, 8, 8), titles=list("abcde"), ncols=3)
+    titled = [ax.get_title() for ax in fig.axes if ax.images]
+    assert titled == list("abcde") and len(fig.axes) == 6
+    with pytest.raises(ValueError, match="one title per image"):
+        plotting.show_images(torch.rand(2, 3, 8, 8), titles=["a"])
+    fig2 = plotting.show_heatmaps(torch.rand(2, 3, 8, 8), torch.rand(2, 8, 8))
+    assert sum(1 for ax in fig2.axes if ax.images) == 2
+    fig3 = plotting.learning_curves({"loss": list(np.linspace(2, 0.1, 50)), "train_acc": [0.5] * 50,
+                                     "val_step": [49], "val_acc": [0.9]})
+    assert len(fig3.axes) == 2 and len(fig3.axes[0].lines) == 2
+    fig4 = plotting.show_grid(torch.randn(6, 3, 5, 5))
+    assert fig4.axes[0].images
+    plt.close("all")
