@@ -122,7 +122,7 @@ def _chunk_generator(seed: int, chunk: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
 
 
-def _render_chunk(m: int, size: int, gen: torch.Generator, n_classes: int):
+def _render_chunk(m: int, size: int, gen: torch.Generator, n_classes: int, clutter: float = 1.0):
     """Render _CHUNK images with the generator, return the first m (prefix-stable)."""
     c = _CHUNK
     rand = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
@@ -148,7 +148,7 @@ def _render_chunk(m: int, size: int, gen: torch.Generator, n_classes: int):
 
     # Background: smooth colour field around a random mean colour.
     bg = F.interpolate(bg_noise[keep], size=(size, size), mode="bilinear", align_corners=False)
-    img = (bg_mean[keep, :, None, None] + 0.35 * (bg - 0.5)).clamp(0, 1)  # (m, 3, S, S)
+    img = (bg_mean[keep, :, None, None] + 0.35 * clutter * (bg - 0.5)).clamp(0, 1)  # (m, 3, S, S)
 
     ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     # Distractor strokes: line segments about a pixel wide, random colours. All strokes at once:
@@ -158,11 +158,11 @@ def _render_chunk(m: int, size: int, gen: torch.Generator, n_classes: int):
     xr, yr = xs - px, ys - py  # (m, K, S, S)
     along = (xr * dx + yr * dy).abs_()
     across = (xr * dy - yr * dx).abs_()
-    stroke_alpha = (1.2 - across).clamp_(0, 1).mul_(along <= stroke_len[keep, :, None, None] / 2)
+    stroke_alpha = (1.2 - across).clamp_(0, 1).mul_(along <= stroke_len[keep, :, None, None] / 2).mul_(clutter)
     for j in range(n_strokes):
         img = torch.lerp(img, stroke_rgb[keep, j, :, None, None].expand_as(img), stroke_alpha[:, j : j + 1])
     speck_alpha = (specks[keep] > 0.93).float().repeat_interleave(4, 2).repeat_interleave(4, 3)
-    speck_alpha = F.pad(speck_alpha, (0, size % 4, 0, size % 4))  # (m, 1, S, S) 4x4-pixel specks
+    speck_alpha = F.pad(speck_alpha, (0, size % 4, 0, size % 4)).mul_(clutter)  # (m, 1, S, S) 4x4 specks
     img = torch.lerp(img, speck_rgb[keep].expand_as(img), speck_alpha)
 
     # The object: rotate pixel coordinates into the object's frame, evaluate its level function.
@@ -203,12 +203,15 @@ def _boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
-def shapes(n: int, seed: int = 0, size: int = 64, n_classes: int | None = None) -> ShapesBatch:
+def shapes(n: int, seed: int = 0, size: int = 64, n_classes: int | None = None,
+           clutter: float = 1.0) -> ShapesBatch:
     """Draw ``n`` ShapesWorld images, deterministically for ``seed``.
 
     Returns a :class:`ShapesBatch`: images (N, 3, S, S) in [0, 1], labels (N,), masks (N, S, S) bool,
     boxes (N, 4) in pixels. ``shapes(n, seed)`` is a prefix of ``shapes(m, seed)`` for m > n.
     ``n_classes`` (default all 8) restricts the classes to the first few, for quick experiments.
+    ``clutter`` in [0, 1] scales the background's noise, strokes and specks (0: a smooth background);
+    the random numbers drawn do not depend on it, so the same seed gives the same objects.
     """
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
         raise ValueError(f"expected a positive number of images n, got {n!r}")
@@ -217,9 +220,11 @@ def shapes(n: int, seed: int = 0, size: int = 64, n_classes: int | None = None) 
     n_classes = len(CLASSES) if n_classes is None else n_classes
     if not 2 <= n_classes <= len(CLASSES):
         raise ValueError(f"expected n_classes between 2 and {len(CLASSES)}, got {n_classes}")
+    if not 0 <= clutter <= 1:
+        raise ValueError(f"expected clutter in [0, 1], got {clutter}")
     parts = []
     for chunk, start in enumerate(range(0, n, _CHUNK)):
-        parts.append(_render_chunk(min(_CHUNK, n - start), size, _chunk_generator(seed, chunk), n_classes))
+        parts.append(_render_chunk(min(_CHUNK, n - start), size, _chunk_generator(seed, chunk), n_classes, clutter))
     images, labels, masks, boxes = (torch.cat(p) for p in zip(*parts))
     return ShapesBatch(images.contiguous(), labels, masks, boxes, list(CLASSES[:n_classes]))
 
