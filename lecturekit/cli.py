@@ -3,11 +3,14 @@
     lecturekit lab                 open the course in JupyterLab
     lecturekit course [--fast]     execute every lecture notebook into build/ (HTML + index page)
     lecturekit train [--out FILE]  reproduce the bundled course-model weights from the recipe's seed
+    lecturekit grade SUBMISSION.ipynb [--json FILE]   score a submission (a folder: one CSV row each)
+    lecturekit assignments [--check]                  write assignments/ from solutions/
 """
 from __future__ import annotations
 
 import argparse
 import html
+import json
 import os
 import subprocess
 import sys
@@ -114,6 +117,52 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_grade(args) -> int:
+    from . import grading
+
+    limits = dict(cell_timeout=args.cell_timeout, timeout=args.timeout)
+    if args.against:
+        limits["reference"] = Path(args.against)
+    target = Path(args.submission)
+    if target.is_dir():
+        reports = grading.grade_folder(target, jobs=args.jobs, **limits)
+        for student, report in reports.items():
+            print(f"{student}: {report.score:g}/{report.max_score:g}", file=sys.stderr)
+        table = grading.reports_to_csv(reports)
+        if args.csv:
+            Path(args.csv).write_text(table, encoding="utf-8")
+        else:
+            print(table, end="")
+        if args.json:
+            folder = Path(args.json)
+            folder.mkdir(parents=True, exist_ok=True)
+            for student, report in reports.items():
+                name = student.replace("/", "__").replace(os.sep, "__") + ".json"
+                (folder / name).write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
+        return 0
+    if not target.is_file():
+        print(f"no such submission: {target} (expected a .ipynb file or a folder of them)", file=sys.stderr)
+        return 2
+    report = grading.grade(target, **limits)
+    print(grading.format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
+    return 0
+
+
+def _cmd_assignments(args) -> int:
+    from . import grading
+
+    root = find_root()
+    changed = grading.write_assignments(root / "solutions", root / "assignments", check_only=args.check)
+    for path in changed:
+        print(f"{'out of date' if args.check else 'wrote'}: {path.relative_to(root)}")
+    if args.check and changed:
+        print("run `lecturekit assignments` to regenerate them", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .models import WEIGHTS_PATH
     from .training import RECIPE
@@ -137,6 +186,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=RECIPE["seed"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("grade", help="score a submission (or a folder of them) with nbval")
+    p.add_argument("submission", help="a .ipynb file, or a folder of them (one CSV row per student)")
+    p.add_argument("--json", help="write the JSON report here (for a folder: a folder of reports)")
+    p.add_argument("--csv", help="for a folder: write the CSV here (default: print it)")
+    p.add_argument("--cell-timeout", type=float, default=60, help="seconds per cell (default 60)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per notebook (default 300)")
+    p.add_argument("--jobs", type=int, default=1, help="submissions graded at the same time")
+    p.add_argument("--against", help="the assignment notebook: its graded cells and points are used, "
+                   "whatever the submission did to them")
+    p.set_defaults(func=_cmd_grade)
+
+    p = sub.add_parser("assignments", help="write assignments/ from solutions/ (solution blocks -> stubs)")
+    p.add_argument("--check", action="store_true", help="write nothing; fail when assignments/ is out of date")
+    p.set_defaults(func=_cmd_assignments)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -127,18 +127,19 @@ def _render_chunk(m: int, size: int, gen: torch.Generator, n_classes: int, clutt
     c = _CHUNK
     rand = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
     labels = torch.randint(0, n_classes, (c,), generator=gen)
-    radius = size * (0.17 + 0.15 * rand(c))  # object radius in pixels
+    radius = size * (0.2 + 0.13 * rand(c))  # object radius in pixels
     cx = radius + (size - 2 * radius) * rand(c)
     cy = radius + (size - 2 * radius) * rand(c)
     angle = 2 * np.pi * rand(c)
-    obj_rgb = _hsv_to_rgb(rand(c), 0.55 + 0.45 * rand(c), 0.55 + 0.45 * rand(c))  # (c, 3) vivid
-    bg_mean = rand(c, 3) * 0.8 + 0.1  # (c, 3)
+    obj_rgb = _hsv_to_rgb(rand(c), 0.6 + 0.4 * rand(c), 0.7 + 0.3 * rand(c))  # (c, 3) vivid
+    # Muted backgrounds, vivid objects: the object is salient, but its form alone tells the class.
+    bg_mean = _hsv_to_rgb(rand(c), 0.15 + 0.35 * rand(c), 0.25 + 0.5 * rand(c))  # (c, 3)
     bg_noise = rand(c, 3, 6, 6)  # (c, 3, 6, 6) low-frequency colour noise
     n_strokes = 3
     stroke_p = rand(c, n_strokes, 2) * size  # a point on each stroke (pixels)
     stroke_dir = 2 * np.pi * rand(c, n_strokes)
     stroke_len = size * (0.2 + 0.5 * rand(c, n_strokes))
-    stroke_rgb = rand(c, n_strokes, 3)
+    stroke_rgb = rand(c, n_strokes, 3) * 0.8 + 0.1
     specks = rand(c, 1, size // 4, size // 4)  # sparse coloured specks
     speck_rgb = rand(c, 3, 1, 1)
     pixel_noise = (rand(c, 3, size, size) - 0.5) * 0.1  # uniform: cheaper than randn, same purpose
@@ -148,7 +149,7 @@ def _render_chunk(m: int, size: int, gen: torch.Generator, n_classes: int, clutt
 
     # Background: smooth colour field around a random mean colour.
     bg = F.interpolate(bg_noise[keep], size=(size, size), mode="bilinear", align_corners=False)
-    img = (bg_mean[keep, :, None, None] + 0.35 * clutter * (bg - 0.5)).clamp(0, 1)  # (m, 3, S, S)
+    img = (bg_mean[keep, :, None, None] + 0.3 * clutter * (bg - 0.5)).clamp(0, 1)  # (m, 3, S, S)
 
     ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     # Distractor strokes: line segments about a pixel wide, random colours. All strokes at once:
@@ -161,7 +162,7 @@ def _render_chunk(m: int, size: int, gen: torch.Generator, n_classes: int, clutt
     stroke_alpha = (1.2 - across).clamp_(0, 1).mul_(along <= stroke_len[keep, :, None, None] / 2).mul_(clutter)
     for j in range(n_strokes):
         img = torch.lerp(img, stroke_rgb[keep, j, :, None, None].expand_as(img), stroke_alpha[:, j : j + 1])
-    speck_alpha = (specks[keep] > 0.93).float().repeat_interleave(4, 2).repeat_interleave(4, 3)
+    speck_alpha = (specks[keep] > 0.96).float().repeat_interleave(4, 2).repeat_interleave(4, 3)
     speck_alpha = F.pad(speck_alpha, (0, size % 4, 0, size % 4)).mul_(clutter)  # (m, 1, S, S) 4x4 specks
     img = torch.lerp(img, speck_rgb[keep].expand_as(img), speck_alpha)
 

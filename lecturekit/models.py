@@ -25,6 +25,7 @@ from .data import CLASSES
 __all__ = [
     "Normalize",
     "CourseNet",
+    "fuse_batchnorm",
     "course_model",
     "imagenet_model",
     "class_names",
@@ -65,18 +66,26 @@ class CourseNet(nn.Module):
     Layers: ``features.0`` conv 5x5 -> ``features.2`` pool (32x32) -> ``features.3`` conv ->
     ``features.5`` pool (16x16) -> ``features.6`` conv -> ``features.8`` pool (8x8) -> ``features.9``
     conv -> ``features.10`` ReLU, the last feature maps A (N, 128, 8, 8) -> ``pool`` -> ``classifier``.
+
+    ``batchnorm=True`` puts a BatchNorm2d after every convolution, for training only: BatchNorm
+    (Ioffe and Szegedy 2015) shortens the long initial plateau of this task several times over.
+    :func:`fuse_batchnorm` then folds each BatchNorm into its convolution, which gives back the plain
+    network above with the same outputs; the bundled model is that plain network.
     """
 
-    def __init__(self, n_classes: int = len(CLASSES), widths=(32, 32, 64, 128)):
+    def __init__(self, n_classes: int = len(CLASSES), widths=(32, 32, 64, 128), batchnorm: bool = False):
         super().__init__()
         c1, c2, c3, c4 = widths
         self.normalize = Normalize(SHAPES_MEAN, SHAPES_STD)
-        self.features = nn.Sequential(
-            nn.Conv2d(3, c1, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(c3, c4, 3, padding=1), nn.ReLU(inplace=True),
-        )
+
+        def block(c_in, c_out, k, pool):
+            layers = [nn.Conv2d(c_in, c_out, k, padding=k // 2)]
+            layers += [nn.BatchNorm2d(c_out)] if batchnorm else []
+            layers += [nn.ReLU(inplace=True)] + ([nn.MaxPool2d(2)] if pool else [])
+            return layers
+
+        self.features = nn.Sequential(*block(3, c1, 5, True), *block(c1, c2, 3, True),
+                                      *block(c2, c3, 3, True), *block(c3, c4, 3, False))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c4, n_classes)
         self.class_names = list(CLASSES[:n_classes])
@@ -84,6 +93,28 @@ class CourseNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A = self.features(self.normalize(x))  # (N, C, h, w)
         return self.classifier(self.pool(A).flatten(1))  # (N, n_classes)
+
+
+@torch.no_grad()
+def fuse_batchnorm(model: CourseNet) -> CourseNet:
+    """A plain CourseNet computing what ``model`` (with BatchNorm, in eval mode) computes.
+
+    Each BatchNorm after a convolution is an affine map per channel, so it folds into the
+    convolution: W' = W * g, b' = (b - mu) * g + beta with g = gamma / sqrt(var + eps).
+    """
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    norms = [m for m in model.features if isinstance(m, nn.BatchNorm2d)]
+    if len(norms) != len(convs):
+        raise ValueError("expected a CourseNet built with batchnorm=True (one BatchNorm per convolution)")
+    widths = tuple(c.out_channels for c in convs)
+    plain = CourseNet(n_classes=model.classifier.out_features, widths=widths)
+    plain_convs = [m for m in plain.features if isinstance(m, nn.Conv2d)]
+    for conv, bn, target in zip(convs, norms, plain_convs):
+        g = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
+        target.weight.copy_(conv.weight * g[:, None, None, None])
+        target.bias.copy_((conv.bias - bn.running_mean) * g + bn.bias)
+    plain.classifier.load_state_dict(model.classifier.state_dict())
+    return plain.eval()
 
 
 def course_model(pretrained: bool = True, seed: int = 0, device=None) -> CourseNet:

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data
-from .models import CourseNet, WEIGHTS_PATH
+from .models import CourseNet, WEIGHTS_PATH, fuse_batchnorm
 
-__all__ = ["History", "train", "evaluate", "initial_loss", "overfit_small_sample", "lr_sweep",
+__all__ = ["History", "trainable_model", "train", "evaluate", "initial_loss", "overfit_small_sample", "lr_sweep",
            "random_search", "train_course_model", "TRAIN_SEED_OFFSET", "VALIDATION_SEED", "TEST_SEED",
            "RECIPE"]
 
@@ -37,8 +37,19 @@ TRAIN_SEED_OFFSET = 10_000_000
 VALIDATION_SEED = 1
 TEST_SEED = 2
 
-# The recipe that made the bundled weights (lecturekit train, notebook 00's refined run).
-RECIPE = dict(steps=900, batch_size=128, lr=3e-3, weight_decay=1e-4, seed=0)
+# The recipe that made the bundled weights (lecturekit train, notebook 00's refined run): SGD with
+# Nesterov momentum and a one-cycle learning rate, on CourseNet with BatchNorm, folded afterwards.
+RECIPE = dict(steps=700, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0)
+
+
+def trainable_model(seed: int = 0) -> CourseNet:
+    """CourseNet with BatchNorm after every convolution, seeded: the network we train.
+
+    After training, ``lecturekit.models.fuse_batchnorm`` folds it into the plain CourseNet.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CourseNet(batchnorm=True)
 
 
 @dataclass
@@ -93,8 +104,11 @@ def initial_loss(model: nn.Module, batch: data.ShapesBatch) -> float:
 
 def train(model: nn.Module, steps: int, lr: float, weight_decay: float = 0.0, batch_size: int = 128,
           seed: int = 0, sample: data.ShapesBatch | None = None, val: data.ShapesBatch | None = None,
-          val_every: int = 100, schedule: str = "constant", progress: bool = True) -> History:
-    """Train ``model`` with AdamW for ``steps`` minibatches and return its :class:`History`.
+          val_every: int = 100, schedule: str = "constant", optimizer: str = "sgd",
+          progress: bool = True) -> History:
+    """Train ``model`` for ``steps`` minibatches and return its :class:`History`.
+
+    ``optimizer``: ``"sgd"`` (Nesterov momentum 0.9, what the recipe uses) or ``"adamw"``.
 
     ``sample``: train on this fixed ShapesBatch (to overfit it, step 2 of the recipe); otherwise every
     step draws a fresh batch. ``schedule``: ``"constant"`` (what the recipe's search uses) or
@@ -108,7 +122,12 @@ def train(model: nn.Module, steps: int, lr: float, weight_decay: float = 0.0, ba
     if not lr > 0:
         raise ValueError(f"expected a positive learning rate, got lr={lr}")
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adamw'")
     sched = None
     if schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -139,7 +158,7 @@ def train(model: nn.Module, steps: int, lr: float, weight_decay: float = 0.0, ba
     return history
 
 
-def overfit_small_sample(model: nn.Module, n: int = 64, steps: int = 150, lr: float = 3e-3,
+def overfit_small_sample(model: nn.Module, n: int = 64, steps: int = 150, lr: float = 0.05,
                          seed: int = 0, progress: bool = True) -> History:
     """Step 2 of the recipe: train on ``n`` fixed images, no weight decay, until it memorises them."""
     sample = data.shapes(n, seed=seed + 1000)
@@ -154,7 +173,7 @@ def lr_sweep(make_model, lrs, steps: int = 100, weight_decay: float = 1e-4, batc
             for lr in lrs}
 
 
-def random_search(make_model, trials: int, steps: int, lr_range=(1e-4, 1e-1), wd_range=(1e-6, 1e-2),
+def random_search(make_model, trials: int, steps: int, lr_range=(1e-3, 1.0), wd_range=(1e-6, 1e-2),
                   val: data.ShapesBatch | None = None, batch_size: int = 64, seed: int = 0,
                   progress: bool = True) -> list[dict]:
     """Step 4: ``trials`` short runs with learning rate and weight decay drawn log-uniformly.
@@ -177,18 +196,19 @@ def train_course_model(steps: int = RECIPE["steps"], lr: float = RECIPE["lr"],
                        weight_decay: float = RECIPE["weight_decay"], batch_size: int = RECIPE["batch_size"],
                        seed: int = RECIPE["seed"], out=WEIGHTS_PATH, val_size: int = 1000,
                        progress: bool = True) -> tuple[CourseNet, History]:
-    """Reproduce the bundled course model: CourseNet from seed ``seed``, the RECIPE's one-cycle run.
+    """Reproduce the bundled course model: the RECIPE's one-cycle run from seed ``seed``.
 
-    Saves ``{"model": state_dict, "recipe": ...}`` to ``out`` (None: do not save).
+    Trains :func:`trainable_model` (with BatchNorm), folds it into the plain CourseNet and saves
+    ``{"model": state_dict, "recipe": ...}`` to ``out`` (None: do not save). Returns the plain model.
     """
-    torch.manual_seed(seed)
-    model = CourseNet()
+    model = trainable_model(seed)
     val = data.shapes(val_size, seed=VALIDATION_SEED)
-    history = train(model, steps, lr, weight_decay, batch_size, seed=seed, val=val, val_every=300,
+    history = train(model, steps, lr, weight_decay, batch_size, seed=seed, val=val, val_every=100,
                     schedule="onecycle", progress=progress)
+    model = fuse_batchnorm(model)
     if out is not None:
         recipe = dict(steps=steps, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
                       val_acc=history.val_acc[-1], seconds=round(history.seconds, 1),
-                      torch=torch.__version__)
+                      torch=str(torch.__version__))
         torch.save({"model": model.state_dict(), "recipe": recipe}, out)
     return model, history

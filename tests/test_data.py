@@ -54,8 +54,13 @@ def test_object_varies_in_size_position_and_is_on_clutter():
     assert areas.max() / areas.min() > 3
     centres = (b.boxes[:, :2] + b.boxes[:, 2:]) / 2
     assert centres.std(0).min() > 6
-    background = b.images.permute(0, 2, 3, 1)[~b.masks]  # (P, 3)
-    assert background.std(0).min() > 0.15, "the background is cluttered, not flat"
+    def background_std(batch):  # mean over images of the background's own spread
+        return torch.stack([batch.images[i].permute(1, 2, 0)[~batch.masks[i]].std(0).mean()
+                            for i in range(len(batch))]).mean()
+
+    clean = data.shapes(200, seed=2, clutter=0.0)
+    assert torch.equal(clean.masks, b.masks), "clutter changes the background, not the objects"
+    assert background_std(b) > 2 * background_std(clean), "the background is cluttered, not flat"
 
 
 def test_shapes_other_size_and_classes():
@@ -65,7 +70,7 @@ def test_shapes_other_size_and_classes():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(n=0), "positive number"), (dict(n=2.5), "positive number"),
-    (dict(n=4, size=8), "size"), (dict(n=4, n_classes=1), "n_classes"),
+    (dict(n=4, size=8), "size"), (dict(n=4, n_classes=1), "n_classes"), (dict(n=4, clutter=2), "clutter"),
 ])
 def test_shapes_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,671 @@
+"""What the network learned: filters, activations, last-layer embeddings, maximally activating patches.
+
+- First-layer filters can be looked at directly as small RGB images (Krizhevsky et al. 2012, Fig. 3;
+  Zeiler and Fergus 2014, "Visualizing and Understanding Convolutional Networks").
+- The last layer's feature vectors: nearest neighbours in feature space retrieve images of the same
+  class where pixel space fails (Krizhevsky et al. 2012, Fig. 4); PCA and t-SNE (van der Maaten and
+  Hinton 2008) lay them out in 2-D.
+- Maximally activating patches (Girshick et al. 2014, "Rich feature hierarchies", Fig. 4; Springenberg
+  et al. 2015): the image crops, cut out by the unit's receptive field, that excite a channel most.
+- Receptive fields from the architecture (Araujo et al. 2019, "Computing Receptive Fields of
+  Convolutional Neural Networks", Distill), per layer l with kernel k, stride s, padding p, dilation d:
+
+      r_l = r_{l-1} + (d (k - 1)) j_{l-1}       size (pixels)
+      j_l = j_{l-1} s                           jump: input pixels between neighbouring units
+      a_l = a_{l-1} - p j_{l-1}                 start: first input pixel of unit (0, 0)
+
+Activations are collected under ``torch.no_grad``, batch by batch, with hooks that are removed when
+the call ends (lecturekit.hooks.capture); the forward pass stops at the requested layer.
+
+Notebooks: 01_filters, 02_last_layer, 03_activations
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import check_images
+from .hooks import capture, iterate_batches, preserved, resolve_layer
+
+__all__ = [
+    "first_layer_filters", "layer_weights", "show_filters", "activations", "embed", "nearest_neighbours",
+    "neighbour_agreement", "snap_to_grid", "show_thumbnails", "ReceptiveField", "receptive_field",
+    "Patches", "top_patches", "FeatureView", "feature_view", "show_feature_view",
+]
+
+# ---------------------------------------------------------------------------------------------------
+# Filters
+# ---------------------------------------------------------------------------------------------------
+
+
+def layer_weights(model: nn.Module, layer) -> torch.Tensor:
+    """The weights of a convolution given by name or module, detached: (C_out, C_in, k, k)."""
+    name, module = resolve_layer(model, layer)
+    if not isinstance(module, nn.Conv2d):
+        raise ValueError(f"expected a Conv2d layer, but {name!r} is a {type(module).__name__}")
+    return module.weight.detach().clone()
+
+
+def first_layer_filters(model: nn.Module) -> torch.Tensor:
+    """The filters of the model's first convolution (in ``named_modules`` order): (C_out, 3, k, k).
+
+    These act on (normalised) RGB pixels, so each can be shown as a small colour image: AlexNet's
+    11x11 filters learn oriented edges, colour blobs and Gabor-like gratings (Krizhevsky et al. 2012).
+
+    Notebook: 01_filters
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            w = module.weight.detach().clone()  # (C_out, C_in, k, k)
+            if w.shape[1] != 3:
+                raise ValueError(f"expected the first convolution ({name}) to take 3 RGB channels, got {w.shape[1]}")
+            return w
+    raise ValueError(f"{type(model).__name__} has no nn.Conv2d layer")
+
+
+def show_filters(weights: torch.Tensor, nrow: int | None = None, max_out: int = 64, max_in: int = 16,
+                 title: str | None = None, figsize=(6, 6)):
+    """Show convolution weights as a grid, each filter scaled to its own [min, max]; returns the figure.
+
+    RGB filters (C_out, 3, k, k) are shown in colour (one tile per filter); filters of a higher layer
+    (C_out, C_in, k, k) as grayscale tiles, one row per output filter and one column per input channel
+    (the first ``max_out`` x ``max_in``). Uses torchvision's ``make_grid(normalize=True, scale_each=True)``.
+
+    Notebook: 01_filters
+    """
+    from .plotting import show_grid
+
+    w = weights.detach().float().cpu()
+    if w.dim() != 4:
+        raise ValueError(f"expected weights of shape (C_out, C_in, k, k), got {tuple(w.shape)}")
+    if w.shape[1] == 3:
+        tiles = w[:max_out]  # (n, 3, k, k)
+        nrow = nrow or math.ceil(math.sqrt(len(tiles)))
+    else:
+        n_out, n_in = min(max_out, w.shape[0]), min(max_in, w.shape[1])
+        tiles = w[:n_out, :n_in].reshape(n_out * n_in, 1, *w.shape[2:])  # (n_out * n_in, 1, k, k)
+        nrow = n_in
+    return show_grid(tiles, nrow=nrow, scale_each=True, padding=1, title=title, figsize=figsize)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the requested layer has run: the rest of the forward pass is skipped."""
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _forward_to(model: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+    """The output of layer ``name`` for ``x``, computing no layer after it. No grad, hooks removed."""
+    module = dict(model.named_modules())[name]
+
+    def stop(module, inputs, output):
+        raise _StopForward
+
+    with torch.no_grad(), capture(model, [name]) as acts:
+        handle = module.register_forward_hook(stop)  # registered after capture's hook: runs after it
+        try:
+            # channels_last: about twice as fast for these convolutions on CPU (measured in bench_features)
+            model(x.contiguous(memory_format=torch.channels_last))
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+    if name not in acts:
+        raise ValueError(f"layer {name!r} did not run in the model's forward pass")
+    return acts[name].contiguous()
+
+
+def _batches(images, batch_size: int) -> Iterable[torch.Tensor]:
+    """A tensor (N, 3, H, W) in slices of ``batch_size``, or an iterable of such tensors as it comes."""
+    if isinstance(images, torch.Tensor):
+        check_images(images, "images")
+        for s in iterate_batches(len(images), batch_size):
+            yield images[s]
+    else:
+        for batch in images:
+            yield check_images(batch, "each batch of images")
+
+
+def activations(model: nn.Module, x: torch.Tensor, layer, batch_size: int = 256,
+                progress: bool = False) -> torch.Tensor:
+    """The output of ``layer`` for images ``x`` (N, 3, H, W) in [0, 1]: (N, C, h, w), or (N, D).
+
+    Computed batch by batch under ``torch.no_grad`` in eval mode, stopping the forward pass at the
+    layer; no hook is left behind and the model is left as found (contract 5). The result is detached
+    and on ``x``'s device. For the feature vector before CourseNet's classifier use ``layer="pool"``
+    and ``.flatten(1)`` -> (N, 128).
+
+    Notebooks: 02_last_layer, 03_activations
+    """
+    from tqdm.auto import tqdm
+
+    check_images(x)
+    name, _ = resolve_layer(model, layer)
+    device = _device_of(model)
+    parts = []
+    with preserved(model):
+        for s in tqdm(list(iterate_batches(len(x), batch_size)), desc=f"activations {name}", disable=not progress):
+            parts.append(_forward_to(model, x[s].to(device), name).to(x.device))
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The last layer: embeddings and nearest neighbours
+# ---------------------------------------------------------------------------------------------------
+
+
+def _as_2d_float(t, name: str) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    if t.dim() < 2 or t.shape[0] == 0:
+        raise ValueError(f"expected {name} of shape (N, D) with N >= 1, got {tuple(t.shape)}")
+    return t.detach().flatten(1).float()
+
+
+def embed(feats: torch.Tensor, method: str = "tsne", seed: int = 0, n_components: int = 2,
+          perplexity: float = 30.0, steps: int = 1000, threads: int | None = 1) -> torch.Tensor:
+    """Feature vectors (N, D) (or (N, C, h, w), flattened) -> (N, n_components) positions.
+
+    ``method="pca"``: scikit-learn's PCA, a linear projection on the directions of largest variance.
+    ``method="tsne"``: scikit-learn's t-SNE (van der Maaten and Hinton 2008), which keeps
+    neighbourhoods: points that are close in feature space stay close in the plane. As is common, the
+    features are first reduced to 50 dimensions by PCA; perplexity is capped at (N - 1) / 3, ``steps``
+    is t-SNE's number of iterations (at least 250). ``threads``: OpenMP threads for t-SNE; the default 1
+    is deliberate: on a busy 2-core machine the default thread pool made Barnes-Hut t-SNE 3-4x slower
+    (41 s against 12 s for 600 points, measured); ``None`` keeps scikit-learn's default.
+
+    Notebook: 02_last_layer
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    X = _as_2d_float(feats, "feats").cpu().numpy().astype(np.float64)  # (N, D)
+    if not np.isfinite(X).all():
+        raise ValueError("expected finite feature values, found NaN or inf")
+    if method == "pca":
+        Y = PCA(n_components=n_components, random_state=seed).fit_transform(X)
+    elif method == "tsne":
+        if len(X) < 4:
+            raise ValueError(f"t-SNE needs at least 4 points, got {len(X)}")
+        if X.shape[1] > 50 and len(X) > 50:
+            X = PCA(n_components=50, random_state=seed).fit_transform(X)
+        from threadpoolctl import threadpool_limits
+
+        tsne = TSNE(n_components=n_components, init="pca", random_state=seed, max_iter=max(250, steps),
+                    perplexity=min(perplexity, (len(X) - 1) / 3))
+        with threadpool_limits(limits=threads, user_api="openmp"):
+            Y = tsne.fit_transform(X)
+    else:
+        raise ValueError(f"unknown embedding method {method!r}; expected 'tsne' or 'pca'")
+    return torch.from_numpy(np.ascontiguousarray(Y)).float()
+
+
+def nearest_neighbours(query: torch.Tensor, bank: torch.Tensor, k: int = 5, exclude_self: bool = False,
+                       chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` nearest rows of ``bank`` (N, D) to each row of ``query`` (M, D), Euclidean distance.
+
+    Returns ``(indices, distances)``, both (M, k), nearest first. ``exclude_self=True`` (when ``query``
+    is ``bank``) leaves each point out of its own neighbours. Images (N, 3, H, W) are flattened: that
+    is nearest neighbours in pixel space. Queries are processed in chunks, so memory is (chunk, N).
+
+        ||q - b||^2 = ||q||^2 + ||b||^2 - 2 q.b
+
+    Notebook: 02_last_layer
+    """
+    Q, B = _as_2d_float(query, "query"), _as_2d_float(bank, "bank")
+    if Q.shape[1] != B.shape[1]:
+        raise ValueError(f"expected query and bank of the same dimension, got {Q.shape[1]} and {B.shape[1]}")
+    if exclude_self and len(Q) != len(B):
+        raise ValueError(f"exclude_self needs query and bank to be the same points, got {len(Q)} and {len(B)}")
+    n_avail = len(B) - int(exclude_self)
+    if not 1 <= k <= n_avail:
+        raise ValueError(f"expected k between 1 and {n_avail} (the bank's size{' minus the point itself' if exclude_self else ''}), got {k}")
+    B = B.to(Q.device)
+    centre = B.mean(0)  # shifting both sets changes no distance, but shrinks the norms, and with them
+    Q, B = Q - centre, B - centre  # the float32 cancellation error of the expansion below
+    b2 = (B * B).sum(1)  # (N,)
+    idx, dist = [], []
+    for s in iterate_batches(len(Q), chunk):
+        q = Q[s]  # (m, D)
+        d2 = ((q * q).sum(1, keepdim=True) + b2 - 2 * q @ B.T).clamp_(min=0)  # (m, N) one matrix product
+        if exclude_self:
+            rows = torch.arange(s.start, s.stop, device=Q.device)
+            d2[rows - s.start, rows] = float("inf")
+        _, i = torch.topk(d2, k, dim=1, largest=False, sorted=True)  # (m, k)
+        exact = (q[:, None, :] - B[i]).norm(dim=2)  # (m, k) the chosen distances, computed directly
+        exact, order = torch.sort(exact, dim=1, stable=True)
+        idx.append(i.gather(1, order))
+        dist.append(exact)
+    return torch.cat(idx), torch.cat(dist)
+
+
+def neighbour_agreement(feats: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
+    """Top-k neighbour label agreement: the fraction of each point's k nearest neighbours (itself left
+    out) that share its label, averaged over all points. 1.0 = every neighbour of the same class;
+    1 / n_classes is chance for balanced classes.
+
+    Notebook: 02_last_layer
+    """
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or len(labels) != len(feats):
+        raise ValueError(f"expected one label per feature vector ({len(feats)},), got {tuple(labels.shape)}")
+    idx, _ = nearest_neighbours(feats, feats, k, exclude_self=True)  # (N, k)
+    labels = labels.to(idx.device)
+    return (labels[idx] == labels[:, None]).float().mean().item()
+
+
+def snap_to_grid(xy: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Assign 2-D points (N, 2) to distinct cells of a rows x cols grid, keeping the layout: (N, 2) (row, col).
+
+    The assignment minimises the total squared distance between each point (scaled to the grid) and
+    its cell, solved exactly by scipy's ``linear_sum_assignment`` (a Hungarian-style solver), like the
+    grid pictures of Karpathy's cnnembed pages. Needs N <= rows * cols.
+
+    Notebook: 02_last_layer
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    P = _as_2d_float(xy, "xy").cpu().numpy().astype(np.float64)
+    if P.shape[1] != 2:
+        raise ValueError(f"expected 2-D points (N, 2), got {P.shape}")
+    if len(P) > rows * cols:
+        raise ValueError(f"expected at most rows * cols = {rows * cols} points, got {len(P)}")
+    lo, hi = P.min(0), P.max(0)
+    P = (P - lo) / np.where(hi > lo, hi - lo, 1.0)  # (N, 2) in [0, 1]
+    P = P[:, ::-1] * [rows - 1, cols - 1]  # (row, col) coordinates: y up = row 0 at the top below
+    P[:, 0] = (rows - 1) - P[:, 0]
+    cells = np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+    cost = ((P[:, None, :] - cells[None, :, :]) ** 2).sum(-1)  # (N, rows * cols)
+    point, cell = linear_sum_assignment(cost)
+    out = np.empty((len(P), 2), dtype=np.int64)
+    out[point] = cells[cell]
+    return torch.from_numpy(out)
+
+
+def show_thumbnails(xy: torch.Tensor, images: torch.Tensor, zoom: float | None = None, labels=None,
+                    grid: tuple[int, int] | None = None, title: str | None = None, figsize=(9, 9)):
+    """The lecture's picture: each image drawn as a thumbnail at its 2-D position; returns the figure.
+
+    ``grid=(rows, cols)``: snap the images to a grid first (:func:`snap_to_grid`) so that none overlap.
+    ``labels`` (N,) colour a thin frame per class. ``zoom``: thumbnail scale (default: fill the grid's
+    cells, or 0.35 without a grid).
+
+    Notebook: 02_last_layer
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    check_images(images, "images")
+    if len(xy) != len(images):
+        raise ValueError(f"expected one position per image, got {len(xy)} positions for {len(images)} images")
+    pos = snap_to_grid(xy, *grid).flip(1).float() * torch.tensor([1.0, -1.0]) if grid else torch.as_tensor(xy).float()
+    pos = pos.numpy()
+    if zoom is None:  # OffsetImage draws an image at `zoom` points per pixel: fill ~80% of a cell
+        zoom = 0.8 * min(figsize) * 72 / max(grid) / images.shape[-1] if grid else 0.35
+    fig, ax = plt.subplots(figsize=figsize)
+    colours = plt.get_cmap("tab10")
+    for i in range(len(images)):
+        frame = dict(edgecolor=colours(int(labels[i]) % 10), lw=1.5) if labels is not None else dict(lw=0)
+        box = AnnotationBbox(OffsetImage(images[i].permute(1, 2, 0).cpu().numpy(), zoom=zoom),
+                             pos[i], frameon=labels is not None, pad=0.05, bboxprops=frame)
+        ax.add_artist(box)
+    pad = 0.5 if grid else 0.05 * (pos.max(0) - pos.min(0)).max()
+    ax.set_xlim(pos[:, 0].min() - pad, pos[:, 0].max() + pad)
+    ax.set_ylim(pos[:, 1].min() - pad, pos[:, 1].max() + pad)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------
+# Receptive fields
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """Receptive field of the units of one layer, in input pixels.
+
+    size: side of the square region a unit sees; jump: input pixels between neighbouring units (the
+    product of the strides); start: first input pixel (row and column) of unit (0, 0), negative when
+    padding reaches outside the image. Unit (y, x) sees rows ``start + y * jump`` to
+    ``start + y * jump + size - 1``, and likewise columns.
+    """
+
+    size: int
+    jump: int
+    start: int
+
+    @property
+    def center(self) -> float:
+        """Centre of unit (0, 0)'s region, in pixel coordinates (pixel i spans [i - 0.5, i + 0.5])."""
+        return self.start + (self.size - 1) / 2
+
+    def box(self, y: int, x: int, height: int | None = None, width: int | None = None) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of unit (y, x)'s region, x1/y1 exclusive; clipped to the image when its size is given."""
+        x0, y0 = self.start + x * self.jump, self.start + y * self.jump
+        x1, y1 = x0 + self.size, y0 + self.size
+        if height is not None and width is not None:
+            x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+        return x0, y0, x1, y1
+
+
+_GLOBAL = "global"  # a value that depends on every input pixel (after global pooling, flatten, linear)
+
+
+def _pair_equal(v, what: str, name: str) -> int:
+    a, b = (v, v) if isinstance(v, int) else tuple(v)
+    if a != b:
+        raise ValueError(f"receptive_field handles square {what}s only; {name} has {what} {tuple(v)}")
+    return a
+
+
+def _module_rf(module: nn.Module, name: str, rf):
+    """The receptive field after one module, given the field ``rf = (size, jump, start)`` of its input."""
+    if rf is None or rf == _GLOBAL:
+        return rf
+    r, j, a = rf
+    if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        k = _pair_equal(module.kernel_size, "kernel", name)
+        s = _pair_equal(module.stride, "stride", name)
+        p = module.padding
+        if isinstance(p, str):  # "same" / "valid" (stride 1 only): torch pads (k_eff - 1) // 2 in front
+            p = 0 if p == "valid" else None
+        d = _pair_equal(getattr(module, "dilation", 1), "dilation", name)
+        k_eff = d * (k - 1) + 1
+        p = (k_eff - 1) // 2 if p is None else _pair_equal(p, "padding", name)
+        return r + (k_eff - 1) * j, j * s, a - p * j  # the three equations of the module docstring
+    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Linear, nn.Flatten)):
+        return _GLOBAL
+    if isinstance(module, (nn.ConvTranspose2d, nn.LPPool2d, nn.FractionalMaxPool2d, nn.Upsample, nn.Unfold)):
+        raise ValueError(f"receptive_field does not handle {type(module).__name__} ({name})")
+    return rf  # elementwise: ReLU, BatchNorm, Dropout, Identity, ...
+
+
+def _union(rfs: list, where: str):
+    """Several inputs meet (concatenation, residual addition): the union of their regions."""
+    rfs = [rf for rf in rfs if rf is not None]
+    if not rfs:
+        return None
+    if any(rf == _GLOBAL for rf in rfs):
+        return _GLOBAL
+    if len({j for _, j, _ in rfs}) > 1:
+        raise ValueError(f"inputs with different jumps {[j for _, j, _ in rfs]} meet at {where}; "
+                         "receptive_field expects aligned branches")
+    lo = min(a for _, _, a in rfs)
+    hi = max(a + r for r, _, a in rfs)
+    return hi - lo, rfs[0][1], lo
+
+
+_GLOBAL_FUNCTIONS = {torch.flatten, torch.mean, torch.sum, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+                     F.linear}
+_GLOBAL_METHODS = {"flatten", "view", "reshape", "mean", "sum"}
+_SPATIAL_FUNCTIONS = {F.conv2d, F.max_pool2d, F.avg_pool2d, F.interpolate, torch.conv2d}
+
+
+def receptive_field(model: nn.Module, layer) -> ReceptiveField:
+    """The receptive field of the units of ``layer``, computed from the architecture.
+
+    The model is traced with ``torch.fx`` and the recurrence of the module docstring is carried along
+    the graph, through every Conv2d, MaxPool2d and AvgPool2d (kernel, stride, padding, dilation);
+    elementwise layers keep the field; where branches meet (Inception/Fire concatenation, residual
+    addition) the field is the union of the branches'. Square kernels only. A layer after global
+    pooling, flatten or a linear layer sees the whole image: ``ValueError``. A container layer
+    (``"layer4"``) has the field of the last module it runs; a module called twice in the forward pass
+    (ResNet's shared ``relu``) that of its first call, whose output :func:`activations` returns.
+
+    Example: CourseNet ``features.9`` has size 40, jump 8, start -16; AlexNet's pool5 (``features.12``)
+    size 195, jump 32 (Araujo et al. 2019, Table 1).
+
+    Notebook: 03_activations
+    """
+    import torch.fx as fx
+
+    name, _ = resolve_layer(model, layer)
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as err:  # noqa: BLE001 -- any tracing failure means: not a static graph
+        raise ValueError(f"receptive_field needs a model that torch.fx can trace; {type(model).__name__} "
+                         f"cannot be traced ({type(err).__name__}: {err})") from err
+    modules = dict(model.named_modules())
+    rf: dict = {}
+    found = None
+    for node in graph.nodes:
+        inputs = [rf.get(n) for n in node.all_input_nodes]
+        if node.op == "placeholder":
+            rf[node] = (1, 1, 0) if found is None and not rf else None
+        elif node.op == "get_attr":
+            rf[node] = None  # a constant (buffer, parameter)
+        elif node.op == "call_module":
+            if len([i for i in inputs if i is not None]) > 1:
+                raise ValueError(f"module {node.target} takes several image-dependent inputs")
+            rf[node] = _module_rf(modules[node.target], node.target, _union(inputs, node.target))
+            if node.target == name and (found is None or found.target != name):
+                found = node  # a module called more than once (ResNet's relu): its first call, as in activations()
+            elif node.target.startswith(name + ".") and (found is None or found.target != name):
+                found = node  # a container: the last module it runs
+        elif node.op in ("call_function", "call_method"):
+            if node.target in _SPATIAL_FUNCTIONS:
+                raise ValueError(f"receptive_field cannot follow the functional call {node.target} "
+                                 f"in {type(model).__name__}.forward; use nn modules for convolutions and pooling")
+            merged = _union(inputs, str(node.target))
+            is_global = node.target in _GLOBAL_FUNCTIONS or (node.op == "call_method" and node.target in _GLOBAL_METHODS)
+            rf[node] = _GLOBAL if merged is not None and is_global else merged
+        else:
+            rf[node] = _union(inputs, "output")
+    if found is None:
+        raise ValueError(f"layer {name!r} is not called in the traced forward pass of {type(model).__name__}")
+    result = rf[found]
+    if result == _GLOBAL:
+        raise ValueError(f"the units of layer {name!r} see the whole image (after global pooling, flatten or "
+                         "a linear layer): they have no local receptive field; choose a convolutional layer")
+    if result is None:
+        raise ValueError(f"layer {name!r} does not depend on the input image")
+    return ReceptiveField(*map(int, result))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Maximally activating patches
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Patches:
+    """The k image crops that excite one channel most, strongest first.
+
+    crops: (k, 3, r, r) in [0, 1], r the receptive field's size, padded with ``pad_value`` where the
+    field reaches outside the image; values: (k,) the activations; index: (k,) the images' indices;
+    positions: (k, 2) the units' (y, x) in the layer's maps; boxes: (k, 4) the crops in the image
+    (x0, y0, x1, y1), clipped to it, x1/y1 exclusive; rf: the receptive field used.
+    """
+
+    crops: torch.Tensor
+    values: torch.Tensor
+    index: torch.Tensor
+    positions: torch.Tensor
+    boxes: torch.Tensor
+    rf: ReceptiveField
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def _crop(image: torch.Tensor, rf: ReceptiveField, y: int, x: int, pad_value: float) -> torch.Tensor:
+    """Unit (y, x)'s region of ``image`` (3, H, W), padded where it leaves the image: (3, r, r)."""
+    P = max(0, -rf.start) + rf.size  # enough padding for every unit whose field touches the image
+    padded = F.pad(image, (P, P, P, P), value=pad_value)
+    x0, y0, _, _ = rf.box(y, x)
+    return padded[:, y0 + P: y0 + P + rf.size, x0 + P: x0 + P + rf.size]
+
+
+class _RunningTopK:
+    """The k strongest images of one channel so far, strongest first, with their crops."""
+
+    def __init__(self, k: int, rf: ReceptiveField, pad_value: float):
+        self.k, self.rf, self.pad_value = k, rf, pad_value
+        self.values = torch.empty(0)
+        self.index = torch.empty(0, dtype=torch.long)
+        self.positions = torch.empty(0, 2, dtype=torch.long)
+        self.crops = torch.empty(0, 3, rf.size, rf.size)
+
+    def update(self, batch: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, first: int) -> None:
+        """batch (B, 3, H, W) on the CPU; v (B,) each image's strongest response; pos (B, 2) its (y, x)."""
+        n_old = len(self.values)
+        cand_v = torch.cat([self.values, v])
+        cand_i = torch.cat([self.index, torch.arange(first, first + len(v))])
+        cand_pos = torch.cat([self.positions, pos])
+        keep = torch.sort(cand_v, descending=True, stable=True).indices[: self.k]  # stable: ties -> earlier image
+        crops = [self.crops[c] if c < n_old else _crop(batch[c - n_old], self.rf, *cand_pos[c].tolist(), self.pad_value)
+                 for c in keep.tolist()]  # only the winners are cropped
+        self.values, self.index, self.positions = cand_v[keep], cand_i[keep], cand_pos[keep]
+        self.crops = torch.stack(crops)
+
+    def result(self, H: int, W: int, device) -> Patches:
+        boxes = torch.tensor([self.rf.box(y, x, H, W) for y, x in self.positions.tolist()], dtype=torch.long)
+        return Patches(self.crops.to(device), self.values.to(device), self.index.to(device),
+                       self.positions.to(device), boxes.reshape(-1, 4).to(device), self.rf)
+
+
+def top_patches(model: nn.Module, images, layer, channel, k: int = 9, batch_size: int = 256,
+                pad_value: float = 0.5, progress: bool = False):
+    """The ``k`` images whose unit of ``channel`` at ``layer`` responds most, cropped by its receptive field.
+
+    ``images``: a tensor (N, 3, H, W) in [0, 1], or an iterable of such batches (a generator keeps the
+    images themselves out of memory). For each image the strongest unit of the channel (its maximum
+    over positions) is its score; the k best images are kept in a running top-k while the batches
+    stream by (only k crops are ever stored), so memory stays flat as N grows. Ties go to the earlier
+    image, so the result does not depend on ``batch_size``. Returns a :class:`Patches`; ``channel`` may
+    also be a list of channels, which gives a list of Patches from one pass over the images.
+
+    Raises ``ValueError`` for an unknown layer, a layer without local receptive field, a channel out of
+    range, or k larger than the number of images.
+
+    Notebook: 03_activations
+    """
+    from tqdm.auto import tqdm
+
+    channels = [channel] if isinstance(channel, (int, np.integer)) and not isinstance(channel, bool) else channel
+    if not isinstance(channels, (list, tuple)) or not channels or not all(
+            isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in channels):
+        raise TypeError(f"expected an int channel or a non-empty list of ints, got {channel!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"expected a positive number of patches k, got {k!r}")
+    if isinstance(images, torch.Tensor) and k > len(images):
+        raise ValueError(f"expected k at most the number of images ({len(images)}), got k={k}")
+    name, _ = resolve_layer(model, layer)
+    rf = receptive_field(model, name)
+    device = _device_of(model)
+    tops = [_RunningTopK(k, rf, pad_value) for _ in channels]
+    chosen = torch.tensor([int(c) for c in channels])
+    seen, H, W, out_device = 0, None, None, None
+    with preserved(model):
+        for batch in tqdm(_batches(images, batch_size), desc=f"top patches {name}", disable=not progress):
+            out_device = batch.device
+            A = _forward_to(model, batch.to(device), name)  # (B, C, h, w)
+            if A.dim() != 4:
+                raise ValueError(f"expected layer {name!r} to give maps (N, C, h, w), got {tuple(A.shape)}")
+            bad = [int(c) for c in channels if not 0 <= c < A.shape[1]]
+            if bad:
+                raise ValueError(f"channel {bad[0]} out of range: layer {name!r} has {A.shape[1]} channels "
+                                 f"(0 to {A.shape[1] - 1})")
+            H, W, w = batch.shape[2], batch.shape[3], A.shape[3]
+            v, where = A[:, chosen.to(A.device)].flatten(2).float().cpu().max(2)  # (B, n_channels) strongest unit
+            batch_cpu = batch.cpu()
+            for j, top in enumerate(tops):
+                pos = torch.stack([where[:, j] // w, where[:, j] % w], 1)  # (B, 2) (y, x)
+                top.update(batch_cpu, v[:, j], pos, seen)
+            seen += len(v)
+    if seen == 0:
+        raise ValueError("expected at least one image, got an empty iterable")
+    if k > seen:
+        raise ValueError(f"expected k at most the number of images ({seen}), got k={k}")
+    results = [top.result(H, W, out_device) for top in tops]
+    return results if channels is channel else results[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The explorer's pure function (lecturekit.widgets.feature_explorer draws it)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureView:
+    """What the layer/channel explorer shows: one image's maps of a layer, and a channel's top patches."""
+
+    layer: str
+    channel: int
+    image: torch.Tensor  # (3, H, W)
+    maps: torch.Tensor  # (C, h, w) the layer's activation maps for the image
+    patches: Patches  # the channel's top patches over all images
+
+
+def feature_view(model: nn.Module, images: torch.Tensor, layer, channel: int, index: int = 0, k: int = 8,
+                 batch_size: int = 256) -> FeatureView:
+    """Activation maps of ``images[index]`` at ``layer`` and the top-``k`` patches of ``channel`` over ``images``.
+
+    Notebook: 03_activations
+    """
+    check_images(images, "images")
+    if not 0 <= index < len(images):
+        raise ValueError(f"expected an image index in [0, {len(images)}), got {index}")
+    name, _ = resolve_layer(model, layer)
+    maps = activations(model, images[index: index + 1], name)[0]  # (C, h, w)
+    if maps.dim() != 3:
+        raise ValueError(f"expected layer {name!r} to give maps (C, h, w), got {tuple(maps.shape)}")
+    if not 0 <= channel < maps.shape[0]:
+        raise ValueError(f"channel {channel} out of range: layer {name!r} has {maps.shape[0]} channels "
+                         f"(0 to {maps.shape[0] - 1})")
+    patches = top_patches(model, images, name, channel, k=min(k, len(images)), batch_size=batch_size)
+    return FeatureView(name, int(channel), images[index], maps, patches)
+
+
+def show_feature_view(view: FeatureView, ncols: int = 16, figsize=(11, 6.5)):
+    """Draw a :class:`FeatureView`: the image, its activation maps (grayscale, one scale for all maps so
+    that weak channels look dark; the chosen channel framed in red) and the channel's top patches.
+
+    Notebook: 03_activations
+    """
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    maps = view.maps.detach().float().cpu()  # (C, h, w)
+    peak = maps.max().item()
+    C = len(maps)
+    ncols = min(ncols, C)
+    tiles = (maps / peak if peak > 0 else maps).clamp(0, 1)[:, None].repeat(1, 3, 1, 1)  # (C, 3, h, w)
+    tiles = torch.nn.functional.pad(tiles, (1, 1, 1, 1), value=0.25)
+    tiles[view.channel, :, [0, -1], :] = torch.tensor([1.0, 0, 0])[:, None, None]  # a red frame
+    tiles[view.channel, :, :, [0, -1]] = torch.tensor([1.0, 0, 0])[:, None, None]
+    grid = make_grid(tiles, nrow=ncols, padding=1, pad_value=1.0)
+    patches = make_grid(view.patches.crops.cpu(), nrow=len(view.patches), padding=2, pad_value=1.0)
+    fig = plt.figure(figsize=figsize)
+    spec = fig.add_gridspec(2, 2, width_ratios=[1, 4], height_ratios=[3, 1.2])
+    ax_img, ax_maps, ax_patch = fig.add_subplot(spec[0, 0]), fig.add_subplot(spec[0, 1]), fig.add_subplot(spec[1, :])
+    ax_img.imshow(view.image.detach().cpu().permute(1, 2, 0).numpy())
+    ax_img.set_title("image")
+    ax_maps.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax_maps.set_title(f"{view.layer}: {C} activation maps (max {peak:.2f}); channel {view.channel} in red")
+    ax_patch.imshow(patches.permute(1, 2, 0).numpy(), interpolation="nearest")
+    rf = view.patches.rf
+    ax_patch.set_title(f"channel {view.channel}: top {len(view.patches)} patches (receptive field {rf.size}x{rf.size}), "
+                       f"activations {', '.join(f'{v:.2f}' for v in view.patches.values.tolist())}", fontsize=9)
+    for ax in (ax_img, ax_maps, ax_patch):
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
