@@ -83,7 +83,8 @@ def capture(model: nn.Module, layers, grads: bool = False, detach: bool | None =
             acts[name] = output.detach() if detach else output
             if grads and output.requires_grad:
                 def save_grad(grad, name=name):
-                    acts.grads[name] = grad.detach()
+                    if grad is not None:  # None when the output does not reach this activation
+                        acts.grads[name] = grad.detach()
                 output.register_hook(save_grad)
             # Hand a copy downstream: an in-place op after this layer (ReLU(inplace=True)) then
             # changes the copy, never the tensor we captured.

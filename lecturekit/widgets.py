@@ -7,6 +7,202 @@ from __future__ import annotations
 
 # ---- What the network learned (notebook 03): layer/channel explorer -----------------------------
 
+def feature_explorer(model, images, layers=None, layer=None, channel: int = 0, index: int = 0, k: int = 8,
+                     batch_size: int = 256):
+    """Layer dropdown, channel and image sliders over :func:`lecturekit.features.feature_view`.
+
+    Shows one image's activation maps at the chosen layer and the channel's top-``k`` patches over
+    ``images`` (N, 3, H, W); everything is recomputed when a control changes. ``layers``: the names
+    offered (default: every Conv2d and ReLU with a local receptive field). The picture is a PNG in an
+    ``ipywidgets.Image`` (works headless and in ipywidgets 7.7 and 8). Returns a VBox; ``box.controls``
+    holds (layer, channel, index) and ``box.state["view"]`` the last FeatureView, for tests and live-coding.
+    Notebook: 03_activations
+    """
+    import io
+
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+    from torch import nn
+
+    from . import features as _features
+
+    if layers is None:
+        layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.ReLU))]
+    layers = list(layers)
+    if not layers:
+        raise ValueError("expected at least one layer to explore")
+    layer = layer or layers[0]
+    if layer not in layers:
+        raise ValueError(f"expected layer to be one of the layers offered {layers}, got {layer!r}")
+
+    def n_channels(name):
+        return _features.activations(model, images[:1], name).shape[1]
+
+    layer_box = widgets.Dropdown(options=layers, value=layer, description="layer")
+    channel_slider = widgets.IntSlider(value=channel, min=0, max=n_channels(layer) - 1, description="channel",
+                                       continuous_update=False)
+    index_slider = widgets.IntSlider(value=index, min=0, max=len(images) - 1, description="image",
+                                     continuous_update=False)
+    picture = widgets.Image(format="png")
+    state: dict = {}
+
+    def redraw(_change=None):
+        view = _features.feature_view(model, images, layer_box.value, channel_slider.value,
+                                      index=index_slider.value, k=k, batch_size=batch_size)
+        fig = _features.show_feature_view(view)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=80)
+        plt.close(fig)
+        picture.value = buffer.getvalue()
+        state["view"] = view
+
+    quiet = [False]  # while the layer changes, the channel slider's clamping must not redraw as well
+
+    def changed(_change=None):
+        if not quiet[0]:
+            redraw()
+
+    def layer_changed(change):
+        quiet[0] = True
+        try:
+            channel_slider.max = n_channels(change["new"]) - 1  # clamps the value if it is larger
+        finally:
+            quiet[0] = False
+        redraw()
+
+    layer_box.observe(layer_changed, names="value")
+    channel_slider.observe(changed, names="value")
+    index_slider.observe(changed, names="value")
+    redraw()
+    box = widgets.VBox([widgets.HBox([layer_box, channel_slider, index_slider]), picture])
+    box.controls, box.state = (layer_box, channel_slider, index_slider), state
+    return box
+
+
 # ---- Which pixels matter (notebook 04): occlusion explorer --------------------------------------
 
+def occlusion_view(model, x, target, patch: int = 8, stride: int = 4, output: str = "prob"):
+    """Pure function behind :func:`occlusion_explorer`: the occlusion map of one image, (H, W).
+
+    x: (1, 3, H, W) in [0, 1]. Notebook: 04_occlusion_saliency
+    """
+    from .attribution import occlusion
+
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one image (1, 3, H, W), got {tuple(x.shape)}")
+    return occlusion(model, x, target, patch=patch, stride=stride, output=output, progress=False)[0]
+
+
+def occlusion_explorer(model, x, target, patch: int = 8, stride: int = 4, output: str = "prob",
+                       max_patch: int | None = None):
+    """Patch and stride sliders over :func:`occlusion_view`; the map is redrawn when a slider moves.
+
+    Returns an ``ipywidgets.VBox``; ``box.sliders`` holds the two sliders and ``box.state`` the last
+    parameters and map (``{"patch": .., "stride": .., "map": (H, W)}``), for tests and live-coding.
+    Notebook: 04_occlusion_saliency
+    """
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    from .plotting import overlay
+
+    H = x.shape[-2]
+    max_patch = max_patch or H // 2
+    patch_slider = widgets.IntSlider(value=patch, min=2, max=max_patch, step=1, description="patch",
+                                     continuous_update=False)
+    stride_slider = widgets.IntSlider(value=stride, min=1, max=max_patch, step=1, description="stride",
+                                      continuous_update=False)
+    out = widgets.Output()
+    state: dict = {}
+
+    def redraw(_change=None):
+        heat = occlusion_view(model, x, target, patch_slider.value, stride_slider.value, output)
+        state.update(patch=patch_slider.value, stride=stride_slider.value, map=heat)
+        with out:
+            out.clear_output(wait=True)
+            fig, axes = plt.subplots(1, 2, figsize=(7, 3.4))
+            axes[0].imshow(x[0].detach().cpu().permute(1, 2, 0).numpy())
+            axes[0].set_title("image")
+            axes[1].imshow(overlay(x[0], heat.clamp(min=0)))  # where hiding lowers the score
+            axes[1].set_title(f"occlusion, patch {patch_slider.value}, stride {stride_slider.value}")
+            for ax in axes:
+                ax.axis("off")
+            plt.show()
+            plt.close(fig)
+
+    patch_slider.observe(redraw, names="value")
+    stride_slider.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([widgets.HBox([patch_slider, stride_slider]), out])
+    box.sliders, box.state = (patch_slider, stride_slider), state
+    return box
+
+
 # ---- Synthesizing images (notebooks 08-10): prior-strength explorer ------------------------------
+
+def prior_view(model, target: int, l2: float = 0.0, jitter: int = 0, blur_sigma: float = 0.0,
+               blur_every: int = 4, clip_value: float = 0.0, clip_contribution: float = 0.0,
+               steps: int = 100, lr: float = 0.02, seed: int = 0):
+    """Pure function behind :func:`prior_explorer`: one class visualisation (1, 3, S, S) in [0, 1] with
+    the given prior strengths (0 switches a prior off). Notebook: 08_gradient_ascent
+    """
+    from .synthesis import class_visualization
+
+    return class_visualization(model, int(target), steps=steps, lr=lr, l2=l2, jitter=int(jitter),
+                               blur_every=blur_every if blur_sigma > 0 else 0, blur_sigma=blur_sigma,
+                               clip_value=clip_value, clip_contribution=clip_contribution, seed=seed,
+                               progress=False)
+
+
+def prior_explorer(model, target: int = 0, steps: int = 100, lr: float = 0.02, seed: int = 0):
+    """Sliders for the strengths of the priors of Yosinski et al. 2015 over :func:`prior_view`; the class
+    visualisation is recomputed when a slider is released. Returns an ``ipywidgets.VBox``;
+    ``box.sliders`` maps prior names to sliders, ``box.state`` holds the last settings and image.
+    Notebook: 08_gradient_ascent
+    """
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+    import torch
+
+    from .models import class_names
+    from .synthesis import total_variation
+
+    names = getattr(model, "class_names", None)
+    make = dict(continuous_update=False, style={"description_width": "110px"})
+    sliders = {
+        "target": widgets.Dropdown(options=[(n, i) for i, n in enumerate(class_names(model))] if names
+                                   else list(range(10)), value=target, description="class"),
+        "l2": widgets.FloatLogSlider(value=1e-4, base=10, min=-5, max=-1, description="L2 (log)", **make),
+        "l2_on": widgets.Checkbox(value=False, description="L2 on"),
+        "jitter": widgets.IntSlider(value=0, min=0, max=8, description="jitter (px)", **make),
+        "blur_sigma": widgets.FloatSlider(value=0.0, min=0.0, max=1.5, step=0.1, description="blur sigma", **make),
+        "clip_value": widgets.FloatSlider(value=0.0, min=0.0, max=60, step=5, description="clip norm %", **make),
+        "clip_contribution": widgets.FloatSlider(value=0.0, min=0.0, max=60, step=5, description="clip contrib. %", **make),
+    }
+    out = widgets.Output()
+    state: dict = {}
+
+    def redraw(_change=None):
+        settings = dict(l2=sliders["l2"].value if sliders["l2_on"].value else 0.0, jitter=sliders["jitter"].value,
+                        blur_sigma=sliders["blur_sigma"].value, clip_value=sliders["clip_value"].value,
+                        clip_contribution=sliders["clip_contribution"].value)
+        image = prior_view(model, sliders["target"].value, steps=steps, lr=lr, seed=seed, **settings)
+        with torch.no_grad():
+            prob = model(image).softmax(1)[0, sliders["target"].value].item()
+        state.update(settings, target=sliders["target"].value, image=image, prob=prob,
+                     tv=total_variation(image).item())
+        with out:
+            out.clear_output(wait=True)
+            fig, ax = plt.subplots(figsize=(3.2, 3.4))
+            ax.imshow(image[0].permute(1, 2, 0).cpu().numpy())
+            ax.set_title(f"p = {prob:.3f}, TV = {state['tv']:.1f}", fontsize=9)
+            ax.axis("off")
+            plt.show()
+
+    for slider in sliders.values():
+        slider.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([widgets.HBox([widgets.VBox(list(sliders.values())[:4]),
+                                      widgets.VBox(list(sliders.values())[4:])]), out])
+    box.sliders, box.state = sliders, state
+    return box

@@ -1,0 +1,455 @@
+"""Which pixels matter: occlusion, saliency, guided backprop, deconvnet, CAM, Grad-CAM, Shapley values.
+
+Every function takes pixel-space images ``x`` (N, 3, H, W) in [0, 1] and a class ``target`` (an int
+or a LongTensor (N,)), and returns a detached map on the input's device: (N, H, W) at input
+resolution unless noted. Maps are returned *unscaled* (no per-image min-max): the sanity checks of
+notebook 07 need the magnitudes. The model is left as found (``lecturekit.hooks.preserved``).
+
+Papers:
+- Zeiler and Fergus 2014, "Visualizing and Understanding Convolutional Networks" (occlusion, deconvnet)
+- Simonyan, Vedaldi and Zisserman 2014, "Deep Inside Convolutional Networks" (saliency, segmentation)
+- Springenberg et al. 2015, "Striving for Simplicity: The All Convolutional Net" (guided backprop)
+- Zhou et al. 2016, "Learning Deep Features for Discriminative Localization" (CAM)
+- Selvaraju et al. 2017, "Grad-CAM: Visual Explanations from Deep Networks" (Grad-CAM, guided Grad-CAM)
+- Strumbelj and Kononenko 2014, "Explaining prediction models and individual predictions with feature
+  contributions" (Shapley value sampling by permutations)
+
+Notebooks: 04_occlusion_saliency, 05_guided_backprop, 06_cam_gradcam
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import check_images, check_targets
+from .hooks import capture, iterate_batches, preserved, relu_backward, resolve_layer
+
+__all__ = ["occlusion", "occlusion_positions", "saliency", "guided_backprop", "deconvnet", "cam",
+           "grad_cam", "guided_grad_cam", "shapley", "saliency_to_mask", "mask_iou", "class_scores"]
+
+
+# ---- shared mechanics -----------------------------------------------------------------------------
+
+def _device(model: nn.Module, x: torch.Tensor) -> torch.device:
+    """The model's device (from its parameters or buffers), else the input's."""
+    for t in [*model.parameters(), *model.buffers()]:
+        return t.device
+    return x.device
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"expected {name} as an int or a pair of ints, got a bool")
+    if isinstance(value, int):
+        value = (value, value)
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value)):
+        raise TypeError(f"expected {name} as an int or a pair of ints (h, w), got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _baseline(baseline, x: torch.Tensor) -> torch.Tensor:
+    """A float grey level or an image tensor broadcastable to x (N, 3, H, W), in [0, 1]."""
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        if not 0 <= baseline <= 1:
+            raise ValueError(f"expected a baseline grey level in [0, 1], got {baseline}")
+        return torch.full((1, 3, 1, 1), float(baseline), dtype=x.dtype, device=x.device)
+    if isinstance(baseline, torch.Tensor):
+        try:
+            torch.broadcast_shapes(baseline.shape, x.shape)
+        except RuntimeError:
+            raise ValueError(f"expected a baseline broadcastable to {tuple(x.shape)}, got {tuple(baseline.shape)}")
+        if torch.isnan(baseline).any() or baseline.min() < 0 or baseline.max() > 1:
+            raise ValueError("expected baseline values in pixel space [0, 1]")
+        b = baseline.to(device=x.device, dtype=x.dtype)
+        return b if b.dim() == 4 else b.reshape((1,) * (4 - b.dim()) + tuple(b.shape))
+    raise TypeError(f"expected a baseline grey level (float) or an image tensor, got {type(baseline).__name__}")
+
+
+def _output(scores: torch.Tensor, output: str) -> torch.Tensor:
+    if output == "score":
+        return scores
+    if output == "prob":
+        return scores.softmax(1)
+    raise ValueError(f"expected output='score' (raw class score) or 'prob' (softmax), got {output!r}")
+
+
+def _pick(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, K) values, (B,) classes -> (B,) the value of each row's class."""
+    return values.gather(1, target[:, None])[:, 0]
+
+
+def _progress(iterable, progress: bool, total: int, desc: str):
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+def class_scores(model: nn.Module, x: torch.Tensor, target, output: str = "score") -> torch.Tensor:
+    """The target's raw score (or softmax probability) for each image, (N,), without gradients."""
+    x = check_images(x)
+    with preserved(model), torch.no_grad():
+        values = _output(model(x.to(_device(model, x))), output)  # (N, K)
+        target = check_targets(target, len(x), values.shape[1]).to(values.device)
+        return _pick(values, target).to(x.device)
+
+
+# ---- occlusion (Zeiler and Fergus 2014) -----------------------------------------------------------
+
+def occlusion_positions(size: tuple[int, int], patch, stride) -> list[tuple[int, int]]:
+    """Top-left corners (y, x) of the patch positions on an image of ``size`` (H, W).
+
+    Positions step by ``stride`` from 0; a last position flush with the bottom/right edge is added
+    when the stride does not land there, so that every pixel is covered at least once.
+    """
+    (H, W), (ph, pw), (sh, sw) = size, _pair(patch, "patch"), _pair(stride, "stride")
+    if ph < 1 or pw < 1 or ph > H or pw > W:
+        raise ValueError(f"expected a patch between 1x1 and the image size {H}x{W}, got {ph}x{pw}")
+    if sh < 1 or sw < 1:
+        raise ValueError(f"expected a positive stride, got {(sh, sw)}")
+    ys = list(range(0, H - ph + 1, sh))
+    xs = list(range(0, W - pw + 1, sw))
+    ys += [H - ph] if ys[-1] != H - ph else []
+    xs += [W - pw] if xs[-1] != W - pw else []
+    return [(y, x) for y in ys for x in xs]
+
+
+def occlusion(model: nn.Module, x: torch.Tensor, target, patch=8, stride=4, baseline=0.0,
+              output: str = "score", batch_size: int = 64, progress: bool = True) -> torch.Tensor:
+    """Occlusion sensitivity (Zeiler and Fergus 2014): how much the target's score drops when a patch is hidden.
+
+    A patch of ``baseline`` (a grey level in [0, 1] or an image) slides over the image with ``stride``;
+    for each position p the drop is ``d_p = f_c(x) - f_c(x with patch p occluded)``, and each pixel's
+    value is the mean of d_p over all positions p whose patch covers it. ``output``: ``"score"``
+    (raw class score) or ``"prob"`` (softmax probability, as in the paper's figures).
+
+    The occluded copies are made batch by batch (``batch_size`` copies at a time, images and
+    positions together), so memory does not grow with the number of positions, and the result does
+    not depend on ``batch_size``.
+
+    x: (N, 3, H, W) in [0, 1]; returns (N, H, W), positive where hiding a pixel lowers the score.
+    Notebook: 04_occlusion_saliency
+    """
+    x = check_images(x)
+    N, _, H, W = x.shape
+    ph, pw = _pair(patch, "patch")
+    corners = occlusion_positions((H, W), (ph, pw), stride)  # P positions (y, x), row-major grid
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"expected a positive integer batch_size, got {batch_size!r}")
+    device = _device(model, x)
+    xd = x.to(device)
+    base = _baseline(baseline, xd).expand(N, 3, H, W)  # (N, 3, H, W), a view
+    P = len(corners)
+    with preserved(model), torch.no_grad():
+        values = _output(model(xd), output)  # (N, K)
+        target = check_targets(target, N, values.shape[1]).to(device)
+        s0 = _pick(values, target)  # (N,)
+        drops = torch.empty(N * P, device=device, dtype=values.dtype)  # d_p for every image and position
+        jobs = iterate_batches(N * P, batch_size)
+        for job in _progress(jobs, progress, -(-N * P // batch_size), "occlusion"):
+            n = torch.arange(job.start, job.stop, device=device) // P  # which image
+            copies = xd[n]  # (B, 3, H, W), made here, never all at once
+            for b, j in enumerate(range(job.start, job.stop)):  # paste the patches: slices, no masks
+                (y0, x0), i = corners[j % P], j // P
+                copies[b, :, y0:y0 + ph, x0:x0 + pw] = base[i, :, y0:y0 + ph, x0:x0 + pw]
+            drops[job] = s0[n] - _pick(_output(model(copies), output), target[n])  # (B,)
+        # Spread the drops back to pixels. The positions form a grid ys x xs and the patch at
+        # (y, x) is rows(y) x cols(x), so sum_p d_p [pixel in patch p] = R^T D C with R (ny, H) and
+        # C (nx, W) the row and column indicators: two small matrix products, no (P, H, W) tensor.
+        ys, xs = sorted({c[0] for c in corners}), sorted({c[1] for c in corners})
+        i, j = torch.arange(H, device=device), torch.arange(W, device=device)
+        y_, x_ = torch.tensor(ys, device=device)[:, None], torch.tensor(xs, device=device)[:, None]
+        R = ((i >= y_) & (i < y_ + ph)).to(drops.dtype)  # (ny, H)
+        C = ((j >= x_) & (j < x_ + pw)).to(drops.dtype)  # (nx, W)
+        D = drops.view(N, len(ys), len(xs))  # (N, ny, nx)
+        total = torch.einsum("yh,nyx,xw->nhw", R, D, C)  # (N, H, W) summed drops over covering patches
+        count = R.sum(0)[:, None] * C.sum(0)[None, :]  # (H, W) positions covering each pixel
+    return (total / count).to(x.device)
+
+
+# ---- gradients: saliency, guided backprop, deconvnet (Simonyan 2014, Springenberg 2015) -----------
+
+def _objective_gradient(model: nn.Module, x: torch.Tensor, target=None, layer=None, channel=None,
+                        position=None, rule: str | None = None) -> torch.Tensor:
+    """d(objective)/dx, (N, 3, H, W), with the ReLUs' backward ``rule`` (None: ordinary backprop).
+
+    The objective is the target's raw class score, or with ``layer`` and ``channel`` one neuron of an
+    intermediate layer: the activation at ``position`` (y, x) of that channel, by default the
+    position where the channel is largest in each image.
+    """
+    x = check_images(x)
+    N = len(x)
+    if layer is not None:
+        resolve_layer(model, layer)
+        if target is not None:
+            raise ValueError("expected either a target class or a neuron (layer=, channel=), not both")
+        if channel is None:
+            raise ValueError("expected a channel with layer=...: the neuron is (layer, channel[, position])")
+    device = _device(model, x)
+    with preserved(model):
+        xg = x.detach().to(device).clone().requires_grad_(True)
+        rules = relu_backward(model, rule) if rule is not None else _nothing()
+        with rules, capture(model, [layer] if layer is not None else [], grads=True) as acts:
+            scores = model(xg)  # (N, K)
+            if layer is None:
+                if target is None:
+                    raise ValueError("expected a target class (or layer= and channel= for a neuron)")
+                target = check_targets(target, N, scores.shape[1]).to(device)
+                objective = _pick(scores, target)  # (N,) raw class scores, before softmax
+            else:
+                name, _ = resolve_layer(model, layer)
+                objective = _neuron(acts[name], channel, position)  # (N,)
+            (grad,) = torch.autograd.grad(objective.sum(), xg)  # images are independent: one pass
+    return grad.detach().to(x.device)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _neuron(A: torch.Tensor, channel: int, position=None) -> torch.Tensor:
+    """One activation per image from A (N, C, h, w) (or (N, C)): channel at position, default its max."""
+    if not isinstance(channel, int) or not 0 <= channel < A.shape[1]:
+        raise ValueError(f"expected a channel in [0, {A.shape[1]}) for this layer, got {channel!r}")
+    a = A[:, channel]  # (N, h, w) or (N,)
+    if a.dim() == 1:
+        return a
+    a = a.flatten(1)  # (N, h*w)
+    h, w = A.shape[2:]
+    if position is None:
+        index = a.detach().argmax(1)  # the strongest activation of the channel in each image
+    else:
+        y, x_ = position
+        if not (0 <= y < h and 0 <= x_ < w):
+            raise ValueError(f"expected a position (y, x) inside the layer's {h}x{w} maps, got {position}")
+        index = torch.full((len(a),), y * w + x_, device=a.device)
+    return a.gather(1, index[:, None])[:, 0]
+
+
+def saliency(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
+    """Saliency map (Simonyan et al. 2014): ``M_ij = max_c |d S_target / d x_cij|``.
+
+    S is the raw class score (before the softmax, not the loss); the absolute gradient is reduced by
+    the maximum over the colour channels. x: (N, 3, H, W) in [0, 1]; returns (N, H, W) >= 0.
+    Notebook: 04_occlusion_saliency
+    """
+    grad = _objective_gradient(model, x, target)  # (N, 3, H, W)
+    return grad.abs().amax(1)  # (N, H, W)
+
+
+def guided_backprop(model: nn.Module, x: torch.Tensor, target=None, layer=None, channel: int | None = None,
+                    position=None) -> torch.Tensor:
+    """Guided backpropagation (Springenberg et al. 2015): at every ReLU, ``R_l = (f_l > 0)(R_{l+1} > 0) R_{l+1}``.
+
+    The gradient of the target's raw class score, or of one neuron (``layer``, ``channel``, and
+    ``position`` (y, x) in that layer's maps, by default where the channel is largest), with respect
+    to the pixels. In-place ReLUs work (``lecturekit.hooks.relu_backward``).
+    x: (N, 3, H, W) in [0, 1]; returns (N, 3, H, W), signed.
+    Notebook: 05_guided_backprop
+    """
+    return _objective_gradient(model, x, target, layer, channel, position, rule="guided")
+
+
+def deconvnet(model: nn.Module, x: torch.Tensor, target=None, layer=None, channel: int | None = None,
+              position=None) -> torch.Tensor:
+    """Deconvnet (Zeiler and Fergus 2014) as a backward rule: at every ReLU, ``R_l = (R_{l+1} > 0) R_{l+1}``.
+
+    The forward mask (f > 0) is ignored; max-pooling switches and transposed convolutions are what
+    the ordinary gradient already does. Arguments as in :func:`guided_backprop`; returns (N, 3, H, W).
+    Notebook: 05_guided_backprop
+    """
+    return _objective_gradient(model, x, target, layer, channel, position, rule="deconvnet")
+
+
+# ---- CAM (Zhou et al. 2016) and Grad-CAM (Selvaraju et al. 2017) ----------------------------------
+
+_CAM_LAYERS = [("features.10", "classifier"), ("layer4", "fc")]  # CourseNet, torchvision ResNets
+
+
+def _upsample(maps: torch.Tensor, size) -> torch.Tensor:
+    """(N, h, w) -> (N, H, W), bilinear as in both papers."""
+    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def cam(model: nn.Module, x: torch.Tensor, target, layer=None, fc=None, upsample: bool = True) -> torch.Tensor:
+    """Class activation map (Zhou et al. 2016): ``M_c(i, j) = sum_k w_k^c A_k(i, j)``.
+
+    For networks whose score is ``S_c = sum_k w_k^c GAP(A_k) + b_c``: A (N, C, h, w) are the last
+    feature maps (``layer``) and w the weights of the linear layer ``fc``. Then GAP(M_c) = S_c - b_c
+    exactly, which is checked: a model of another shape raises ValueError. Defaults: CourseNet
+    (``features.10``, ``classifier``) and torchvision ResNets (``layer4``, ``fc``).
+    Returns (N, H, W) upsampled bilinearly, or (N, h, w) with ``upsample=False``; no ReLU, unscaled.
+    Notebook: 06_cam_gradcam
+    """
+    x = check_images(x)
+    names = dict(model.named_modules())
+    if layer is None or fc is None:
+        found = [pair for pair in _CAM_LAYERS if pair[0] in names and pair[1] in names]
+        if not found:
+            raise ValueError("cannot tell which layers feed the global average pooling: pass layer= "
+                             "(the last feature maps) and fc= (the linear layer after the pooling)")
+        layer, fc = (layer or found[0][0]), (fc or found[0][1])
+    layer, _ = resolve_layer(model, layer)
+    fc_name, linear = resolve_layer(model, fc)
+    if not isinstance(linear, nn.Linear):
+        raise ValueError(f"expected fc to be an nn.Linear layer, got {type(linear).__name__} ({fc_name!r})")
+    device = _device(model, x)
+    with preserved(model), torch.no_grad(), capture(model, [layer]) as acts:
+        scores = model(x.to(device))  # (N, K)
+        target = check_targets(target, len(x), scores.shape[1]).to(device)
+        A = acts[layer]  # (N, C, h, w)
+        if A.dim() != 4 or A.shape[1] != linear.in_features:
+            raise ValueError(f"expected {layer!r} to give (N, {linear.in_features}, h, w) maps for {fc_name!r}, "
+                             f"got {tuple(A.shape)}")
+        w = linear.weight[target]  # (N, C) the class's weights
+        M = torch.einsum("nc,nchw->nhw", w, A)  # (N, h, w)
+        bias = linear.bias[target] if linear.bias is not None else 0
+        if not torch.allclose(M.mean((1, 2)) + bias, _pick(scores, target), rtol=1e-3, atol=1e-3):
+            raise ValueError(f"the model is not GAP + linear after {layer!r}: the mean of the CAM plus "
+                             f"the bias differs from the class score; use grad_cam for this model")
+    return (_upsample(M, x.shape[2:]) if upsample else M).to(x.device)
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = True,
+             upsample: bool = True) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017): ``ReLU(sum_k alpha_k^c A_k)``, ``alpha_k^c = mean_ij dS_c/dA_k(i, j)``.
+
+    A (N, C, h, w) is the output of ``layer`` and S_c the raw class score. ``relu=False`` drops the
+    paper's ReLU (to see the negative evidence). Returns (N, H, W) upsampled bilinearly to the input
+    size, or (N, h, w) with ``upsample=False``; unscaled. On a GAP + linear network at its last
+    feature maps, ``grad_cam = ReLU(cam) / (h * w)``.
+    Notebook: 06_cam_gradcam
+    """
+    x = check_images(x)
+    name, _ = resolve_layer(model, layer)
+    device = _device(model, x)
+    with preserved(model), capture(model, [name], grads=True) as acts:
+        # Parameters are frozen: the input must require grad for A to be part of a graph.
+        scores = model(x.detach().to(device).requires_grad_(True))  # (N, K)
+        target = check_targets(target, len(x), scores.shape[1]).to(device)
+        A = acts[name]  # (N, C, h, w)
+        if A.dim() != 4:
+            raise ValueError(f"expected {name!r} to give feature maps (N, C, h, w), got {tuple(A.shape)}")
+        (dA,) = torch.autograd.grad(_pick(scores, target).sum(), A)  # backward to A only, not to x
+        alpha = dA.mean((2, 3), keepdim=True)  # (N, C, 1, 1)
+        M = (alpha * A).sum(1).detach()  # (N, h, w)
+    M = M.clamp(min=0) if relu else M
+    return (_upsample(M, x.shape[2:]) if upsample else M).to(x.device)
+
+
+def guided_grad_cam(model: nn.Module, x: torch.Tensor, target, layer) -> torch.Tensor:
+    """Guided Grad-CAM (Selvaraju et al. 2017): guided backprop times the upsampled Grad-CAM, (N, 3, H, W).
+
+    Notebook: 06_cam_gradcam
+    """
+    return guided_backprop(model, x, target) * grad_cam(model, x, target, layer)[:, None]
+
+
+# ---- Shapley values of patches (Strumbelj and Kononenko 2014) -------------------------------------
+
+def shapley(model: nn.Module, x: torch.Tensor, target, patch=8, samples: int = 32, seed: int = 0,
+            baseline=0.0, output: str = "score", per_patch: bool = False, batch_size: int = 64,
+            progress: bool = True) -> torch.Tensor:
+    """Shapley values of image patches, estimated by permutation sampling.
+
+    The players are the patches of a grid (``patch`` pixels, the last row/column may be smaller);
+    a coalition S is the image with the patches outside S replaced by ``baseline``. For each of
+    ``samples`` random orders, the patches are switched on one after another and each gets its
+    marginal contribution ``f(S + {i}) - f(S)``; the estimate is the mean over the orders. Each order
+    telescopes, so the values always sum to ``f(x) - f(baseline)`` (efficiency); a patch the model
+    ignores gets exactly 0. ``seed`` fixes the orders.
+
+    x: (N, 3, H, W) in [0, 1]. Returns (N, H, W), each pixel holding its patch's value, or with
+    ``per_patch=True`` the values on the grid, (N, gh, gw). Cost: samples * (gh*gw + 1) forward passes.
+    Notebook: 04_occlusion_saliency
+    """
+    x = check_images(x)
+    N, _, H, W = x.shape
+    ph, pw = _pair(patch, "patch")
+    if ph < 1 or pw < 1 or ph > H or pw > W:
+        raise ValueError(f"expected a patch between 1x1 and the image size {H}x{W}, got {ph}x{pw}")
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"expected a positive number of samples, got {samples!r}")
+    gh, gw = -(-H // ph), -(-W // pw)
+    D = gh * gw  # players
+    device = _device(model, x)
+    xd = x.to(device)
+    base = _baseline(baseline, xd)
+    # Which player owns each pixel: (H, W) in [0, D).
+    owner = (torch.arange(H, device=device)[:, None] // ph) * gw + torch.arange(W, device=device)[None] // pw
+    gen = torch.Generator().manual_seed(seed)
+    orders = torch.stack([torch.randperm(D, generator=gen) for _ in range(N * samples)])  # (N*samples, D)
+    # rank[o, i]: when player i is switched on in order o; coalition k holds players with rank < k.
+    rank = torch.empty_like(orders).scatter_(1, orders, torch.arange(D).expand_as(orders)).to(device)
+    K = D + 1  # coalitions per order: empty, ..., all
+    with preserved(model), torch.no_grad():
+        n_classes = model(xd[:1]).shape[1]
+        target = check_targets(target, N, n_classes).to(device)
+        f = torch.empty(N * samples, K, device=device, dtype=x.dtype)  # f(coalition k of order o)
+        jobs = iterate_batches(N * samples * K, batch_size)
+        for job in _progress(jobs, progress, -(-N * samples * K // batch_size), "shapley"):
+            j = torch.arange(job.start, job.stop, device=device)
+            o, k = j // K, j % K  # order, coalition size
+            n = o // samples
+            on = rank[o][:, owner] < k[:, None, None]  # (B, H, W) pixels of switched-on players
+            b = base if base.shape[0] == 1 else base[n]
+            images = torch.where(on[:, None], xd[n], b)  # (B, 3, H, W)
+            f[o, k] = _pick(_output(model(images), output), target[n])
+        # marginal contribution of the player switched on at step k: f[k+1] - f[k]
+        marginal = f[:, 1:] - f[:, :-1]  # (N*samples, D), by step
+        by_player = marginal.gather(1, rank)  # (N*samples, D), by player
+        values = by_player.view(N, samples, D).mean(1)  # (N, D)
+    if per_patch:
+        return values.view(N, gh, gw).to(x.device)
+    return values[:, owner].to(x.device)  # (N, H, W)
+
+
+# ---- saliency to segmentation (Simonyan et al. 2014, section 3.1) --------------------------------
+
+def saliency_to_mask(maps: torch.Tensor, quantile: float = 0.8, sigma: float = 0.0) -> torch.Tensor:
+    """A foreground mask from a map: the pixels above the map's ``quantile`` (per image), (N, H, W) bool.
+
+    A simple stand-in for the paper's GrabCut step, which is seeded from the same quantiles.
+    ``sigma`` > 0 first smooths the map with a Gaussian (torchvision), which saliency maps need.
+    Notebook: 04_occlusion_saliency
+    """
+    maps = _check_maps(maps)
+    if not 0 <= quantile < 1:
+        raise ValueError(f"expected a quantile in [0, 1), got {quantile}")
+    if sigma > 0:
+        from torchvision.transforms.functional import gaussian_blur
+
+        k = 2 * int(3 * sigma) + 1
+        maps = gaussian_blur(maps[:, None].float(), [k, k], [sigma, sigma])[:, 0]
+    flat = maps.flatten(1).float()
+    level = torch.quantile(flat, quantile, dim=1)  # (N,)
+    return maps > level[:, None, None]
+
+
+def mask_iou(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """Intersection over union of two (N, H, W) bool masks, per image, (N,); 0 when both are empty."""
+    if pred.shape != true.shape or pred.dim() != 3:
+        raise ValueError(f"expected two (N, H, W) masks of the same shape, got {tuple(pred.shape)} and {tuple(true.shape)}")
+    pred, true = pred.bool(), true.to(pred.device).bool()
+    inter = (pred & true).flatten(1).sum(1).float()
+    union = (pred | true).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
+
+
+def _check_maps(maps: torch.Tensor, shape=None) -> torch.Tensor:
+    """Maps (N, H, W), finite; with ``shape`` (N, H, W) they must match it."""
+    if not isinstance(maps, torch.Tensor):
+        raise TypeError(f"expected maps as a torch.Tensor (N, H, W), got {type(maps).__name__}")
+    if maps.dim() != 3 or (shape is not None and tuple(maps.shape) != tuple(shape)):
+        want = "(N, H, W)" if shape is None else str(tuple(shape))
+        raise ValueError(f"expected maps of shape {want}, got {tuple(maps.shape)} "
+                         "(reduce (N, 3, H, W) maps first, e.g. m.abs().amax(1))")
+    if not torch.isfinite(maps).all():
+        raise ValueError("expected finite maps, found NaN or inf")
+    return maps
