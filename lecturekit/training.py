@@ -135,10 +135,13 @@ def train(model: nn.Module, steps: int, lr: float, weight_decay: float = 0.0, ba
         raise ValueError(f"unknown schedule {schedule!r}; expected 'constant' or 'onecycle'")
     history = History()
     start = time.perf_counter()
+    # channels_last: oneDNN's CPU convolutions run about 30% faster on this layout (measured on
+    # 2 cores, benchmarks/RESULTS.md). Only the memory layout changes, not a single value.
+    model.to(memory_format=torch.channels_last)
     model.train()
     for step in tqdm(range(steps), disable=not progress, desc="train", leave=False):
         images, labels = _train_batch(seed, step, batch_size, sample)
-        logits = model(images)
+        logits = model(images.contiguous(memory_format=torch.channels_last))
         loss = F.cross_entropy(logits, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
