@@ -17,8 +17,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["resolve_layer", "layer_names", "Captured", "capture", "relu_backward", "preserved",
-           "RELU_RULES"]
+__all__ = ["resolve_layer", "layer_names", "Captured", "capture", "forward_to", "OUTPUT", "relu_backward",
+           "preserved", "iterate_batches", "RELU_RULES"]
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -98,6 +98,63 @@ def capture(model: nn.Module, layers, grads: bool = False, detach: bool | None =
     finally:
         for handle in handles:
             handle.remove()
+
+
+OUTPUT = "<output>"
+"""The key under which :func:`forward_to` stores the model's output, when asked to."""
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook once every layer asked for has run: the rest is not computed."""
+
+
+@contextmanager
+def forward_to(model: nn.Module, layers, output: bool = False, detach: bool = True) -> Iterator:
+    """Hooks set once for many forward passes: yields ``run(x) -> acts``, the activations of ``layers``.
+
+    Unless ``output=True``, each forward pass stops as soon as every layer in ``layers`` has run (a
+    forward hook raises and ``run`` catches it), like Caffe's ``net.forward(end=layer)``: the layers
+    after them cost nothing. With ``output=True`` the whole model runs and its output is stored under
+    ``acts[OUTPUT]``. ``detach=False`` keeps the activations attached to the graph (for gradient
+    ascent through them). Hooks are removed when the block ends, also when it raises.
+
+        with forward_to(model, ["features.6"]) as run:
+            for batch in batches:
+                A = run(batch)["features.6"]  # (B, C, h, w), nothing after features.6 computed
+    """
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    resolved = dict(resolve_layer(model, layer) for layer in layers)
+    modules = set(resolved.values())
+    seen: set = set()
+
+    def stop(module, inputs, out):
+        seen.add(module)
+        if seen >= modules:
+            raise _StopForward
+
+    with capture(model, list(resolved), detach=detach) as acts:
+        # Registered after capture's hooks, so on each layer the activation is stored before the stop.
+        handles = [] if output else [m.register_forward_hook(stop) for m in modules]
+        try:
+            def run(x: torch.Tensor) -> Captured:
+                seen.clear()
+                acts.clear()
+                try:
+                    result = model(x)
+                    if output:
+                        acts[OUTPUT] = result
+                except _StopForward:
+                    pass
+                missing = [name for name in resolved if name not in acts]
+                if missing:
+                    raise ValueError(f"layers {missing} did not run in the model's forward pass")
+                return acts
+
+            yield run
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def _guided(f_positive: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

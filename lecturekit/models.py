@@ -36,7 +36,10 @@ __all__ = [
 ]
 
 WEIGHTS_PATH = Path(__file__).parent / "weights" / "coursenet.pt"
-# Channel statistics of ShapesWorld, measured over 20,000 images (seed 99); see lecturekit.training.
+# CourseNet's input normalisation: channel statistics of ShapesWorld's first palette. Today's palette
+# (muted backgrounds) measures mean 0.44 and std 0.20 per channel; the bundled weights were trained
+# with these values, and BatchNorm after the first convolution absorbs any such affine map, so they
+# stay until the next retraining (tests/test_models.py checks they stay close).
 SHAPES_MEAN = (0.499, 0.484, 0.474)
 SHAPES_STD = (0.275, 0.276, 0.279)
 

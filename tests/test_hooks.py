@@ -132,3 +132,34 @@ def test_preserved_restores_mode_flags_and_grads():
     after = model_state(net)
     assert after["modes"] == before["modes"] and after["requires_grad"] == before["requires_grad"]
     assert net[3].weight.grad is sentinel
+
+
+def test_forward_to_stops_after_the_layer_and_cleans_up():
+    net = tiny_net()
+    calls = []
+    net[4].register_forward_hook(lambda m, i, o: calls.append("after"))  # a layer past the stop
+    before = model_state(net)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = net[1](net[0](x).clone())
+        with hooks.forward_to(net, ["1"]) as run:
+            got = run(x)["1"]
+            run(x)
+        assert calls == [], "nothing after the last requested layer is computed"
+        assert torch.allclose(got, expected)
+        with hooks.forward_to(net, ["3"], output=True) as run:
+            acts = run(x)
+        assert torch.allclose(acts[hooks.OUTPUT], net(x)) and calls
+    assert model_state(net)["hooks"] == before["hooks"] == 1, "only the test's own hook remains"
+
+
+def test_forward_to_keeps_the_graph_when_asked():
+    net = tiny_net()
+    x = torch.rand(1, 3, 8, 8, requires_grad=True)
+    with hooks.forward_to(net, ["3"], detach=False) as run:
+        A = run(x)["3"]
+        A.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown layer"):
+        with hooks.forward_to(net, ["nope"]):
+            pass
