@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import check_images, check_targets
-from .hooks import capture, preserved, resolve_layer
+from .hooks import OUTPUT as _OUTPUT, forward_to, preserved, resolve_layer
 
 __all__ = [
     "Objective", "class_score", "class_logprob", "channel", "neuron", "layer_norm", "total_variation", "l2", "alpha_norm",
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 GREY = 0.5  # the pixel-space image that the papers' zero (mean-subtracted) image corresponds to
-_OUTPUT = "<output>"  # the key under which an objective reads the model's output (class scores)
+# _OUTPUT (hooks.OUTPUT): the key under which an objective reads the model's output (class scores)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,53 +264,13 @@ def alpha_norm(alpha: float = 6.0) -> Objective:
 # ---------------------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    """Raised by a forward hook once every needed activation is captured: the rest is not computed."""
-
-
-@contextmanager
-def _forward_to(model: nn.Module, layers: Sequence[str], needs_output: bool) -> Iterator[Callable]:
-    """Hooks set once for a whole optimisation: yields ``run(x) -> acts`` (activations by name, and the
-    model's output under ``"<output>"`` when ``needs_output``).
-
-    When only intermediate layers are needed, the forward pass stops after the last of them (a
-    forward hook raises), like Caffe's ``net.forward(end=layer)`` in the DeepDream notebook.
-    """
-    modules = {resolve_layer(model, name)[1] for name in layers}  # unknown names fail here
-    with capture(model, list(layers), detach=False) as acts:  # attached, no gradient hooks needed
-        seen: set = set()
-        handles = []
-
-        def stop(module, inputs, output):
-            seen.add(module)
-            if seen >= modules:
-                raise _Stop
-
-        try:
-            if not needs_output:
-                handles = [m.register_forward_hook(stop) for m in modules]
-
-            def run(x: torch.Tensor):
-                seen.clear()
-                try:
-                    out = model(x)
-                    if needs_output:
-                        acts[_OUTPUT] = out
-                except _Stop:
-                    pass
-                return acts
-
-            yield run
-        finally:
-            for h in handles:
-                h.remove()
-
-
 @contextmanager
 def _evaluator(model: nn.Module, objective: Objective) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """Yields ``evaluate(x) -> objective values (N,)``, hooks set once for the whole optimisation."""
     layers = [name for name in objective.layers if name != _OUTPUT]
-    with _forward_to(model, layers, _OUTPUT in objective.layers) as run:
+    # detach=False: the ascent differentiates through the activations. Without the output, the
+    # forward pass stops after the deepest layer the objective reads.
+    with forward_to(model, layers, output=_OUTPUT in objective.layers, detach=False) as run:
 
         def evaluate(x: torch.Tensor) -> torch.Tensor:
             values = objective(x, run(x))
@@ -656,7 +616,7 @@ def invert(model: nn.Module, x: torch.Tensor, layer, *, steps: int = 200, lr: fl
         raise ValueError(f"expected alpha >= 1 and beta > 0, got alpha={alpha}, beta={beta}")
     x = x.detach().to(_device(model))
     gen = torch.Generator().manual_seed(seed)
-    with preserved(model), _forward_to(model, [name], needs_output=False) as run:
+    with preserved(model), forward_to(model, [name], detach=False) as run:
         with torch.no_grad():
             target = run(x)[name].detach().clone()  # Phi0 (N, ...)
         image = (GREY + 0.1 * torch.randn(x.shape, generator=gen)).clamp(0, 1).to(x.device).requires_grad_(True)

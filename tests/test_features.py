@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import model_state, tiny_net
+from conftest import model_state
 from lecturekit import features
 from lecturekit.models import course_model, imagenet_model
 
