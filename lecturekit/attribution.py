@@ -23,20 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import check_images, check_targets
-from .hooks import capture, iterate_batches, preserved, relu_backward, resolve_layer
+from .hooks import capture, iterate_batches, model_device, preserved, relu_backward, resolve_layer
 
 __all__ = ["occlusion", "occlusion_positions", "saliency", "guided_backprop", "deconvnet", "cam",
            "grad_cam", "guided_grad_cam", "shapley", "saliency_to_mask", "mask_iou", "class_scores"]
 
 
 # ---- shared mechanics -----------------------------------------------------------------------------
-
-def _device(model: nn.Module, x: torch.Tensor) -> torch.device:
-    """The model's device (from its parameters or buffers), else the input's."""
-    for t in [*model.parameters(), *model.buffers()]:
-        return t.device
-    return x.device
-
 
 def _pair(value, name: str) -> tuple[int, int]:
     if isinstance(value, bool):
@@ -91,7 +84,7 @@ def class_scores(model: nn.Module, x: torch.Tensor, target, output: str = "score
     """The target's raw score (or softmax probability) for each image, (N,), without gradients."""
     x = check_images(x)
     with preserved(model), torch.no_grad():
-        values = _output(model(x.to(_device(model, x))), output)  # (N, K)
+        values = _output(model(x.to(model_device(model, x.device))), output)  # (N, K)
         target = check_targets(target, len(x), values.shape[1]).to(values.device)
         return _pick(values, target).to(x.device)
 
@@ -138,7 +131,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, patch=8, stride=4, base
     corners = occlusion_positions((H, W), (ph, pw), stride)  # P positions (y, x), row-major grid
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"expected a positive integer batch_size, got {batch_size!r}")
-    device = _device(model, x)
+    device = model_device(model, x.device)
     xd = x.to(device)
     base = _baseline(baseline, xd).expand(N, 3, H, W)  # (N, 3, H, W), a view
     P = len(corners)
@@ -187,11 +180,11 @@ def _objective_gradient(model: nn.Module, x: torch.Tensor, target=None, layer=No
             raise ValueError("expected either a target class or a neuron (layer=, channel=), not both")
         if channel is None:
             raise ValueError("expected a channel with layer=...: the neuron is (layer, channel[, position])")
-    device = _device(model, x)
+    device = model_device(model, x.device)
     with preserved(model):
         xg = x.detach().to(device).clone().requires_grad_(True)
         rules = relu_backward(model, rule) if rule is not None else _nothing()
-        with rules, capture(model, [layer] if layer is not None else [], grads=True) as acts:
+        with rules, capture(model, [layer] if layer is not None else [], detach=False) as acts:
             scores = model(xg)  # (N, K)
             if layer is None:
                 if target is None:
@@ -299,7 +292,7 @@ def cam(model: nn.Module, x: torch.Tensor, target, layer=None, fc=None, upsample
     fc_name, linear = resolve_layer(model, fc)
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"expected fc to be an nn.Linear layer, got {type(linear).__name__} ({fc_name!r})")
-    device = _device(model, x)
+    device = model_device(model, x.device)
     with preserved(model), torch.no_grad(), capture(model, [layer]) as acts:
         scores = model(x.to(device))  # (N, K)
         target = check_targets(target, len(x), scores.shape[1]).to(device)
@@ -328,8 +321,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = True
     """
     x = check_images(x)
     name, _ = resolve_layer(model, layer)
-    device = _device(model, x)
-    with preserved(model), capture(model, [name], grads=True) as acts:
+    device = model_device(model, x.device)
+    with preserved(model), capture(model, [name], detach=False) as acts:  # A stays in the graph
         # Parameters are frozen: the input must require grad for A to be part of a graph.
         scores = model(x.detach().to(device).requires_grad_(True))  # (N, K)
         target = check_targets(target, len(x), scores.shape[1]).to(device)
@@ -378,7 +371,7 @@ def shapley(model: nn.Module, x: torch.Tensor, target, patch=8, samples: int = 3
         raise ValueError(f"expected a positive number of samples, got {samples!r}")
     gh, gw = -(-H // ph), -(-W // pw)
     D = gh * gw  # players
-    device = _device(model, x)
+    device = model_device(model, x.device)
     xd = x.to(device)
     base = _baseline(baseline, xd)
     # Which player owns each pixel: (H, W) in [0, D).

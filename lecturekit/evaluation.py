@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attribution import _baseline, _check_maps, _device, _output, _pick, _progress
+from .attribution import _baseline, _check_maps, _output, _pick, _progress
+from .hooks import model_device
 from .data import check_images, check_targets
 from .hooks import iterate_batches, preserved
 
@@ -127,7 +128,7 @@ def _curve(model, x, target, maps, steps, start, end, output, batch_size, progre
     maps = _check_maps(maps, (N, H, W))
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"expected a positive number of steps, got {steps!r}")
-    device = _device(model, x)
+    device = model_device(model, x.device)
     order = maps.to(device).flatten(1).argsort(dim=1, descending=True, stable=True)  # (N, HW)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(H * W, device=device).expand_as(order))
     rank = rank.view(N, 1, H, W)  # rank[n] = 0 for the most important pixel
@@ -160,7 +161,7 @@ def deletion_curve(model: nn.Module, x: torch.Tensor, target, maps: torch.Tensor
     Notebook: 07_evaluating_explanations
     """
     x = check_images(x)
-    xd = x.to(_device(model, x))
+    xd = x.to(model_device(model, x.device))
     return _curve(model, x, target, maps, steps, xd, _baseline(baseline, xd), output, batch_size, progress,
                   "deletion")
 
@@ -174,7 +175,7 @@ def insertion_curve(model: nn.Module, x: torch.Tensor, target, maps: torch.Tenso
     Notebook: 07_evaluating_explanations
     """
     x = check_images(x)
-    xd = x.to(_device(model, x))
+    xd = x.to(model_device(model, x.device))
     if isinstance(baseline, str):
         if baseline != "blur":
             raise ValueError(f"expected baseline='blur', a grey level or an image, got {baseline!r}")

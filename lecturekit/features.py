@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import check_images
-from .hooks import forward_to, iterate_batches, preserved, resolve_layer
+from .hooks import forward_to, iterate_batches, model_device, preserved, resolve_layer
 
 __all__ = [
     "first_layer_filters", "layer_weights", "show_filters", "activations", "embed", "nearest_neighbours",
@@ -99,11 +99,6 @@ def show_filters(weights: torch.Tensor, nrow: int | None = None, max_out: int = 
 # ---------------------------------------------------------------------------------------------------
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     # channels_last: about twice as fast for these convolutions on CPU (measured in bench_features)
     return x.contiguous(memory_format=torch.channels_last)
@@ -135,7 +130,7 @@ def activations(model: nn.Module, x: torch.Tensor, layer, batch_size: int = 256,
 
     check_images(x)
     name, _ = resolve_layer(model, layer)
-    device = _device_of(model)
+    device = model_device(model)
     parts = []
     with preserved(model), torch.no_grad(), forward_to(model, [name]) as run:  # stops after the layer
         for s in tqdm(list(iterate_batches(len(x), batch_size)), desc=f"activations {name}", disable=not progress):
@@ -550,7 +545,7 @@ def top_patches(model: nn.Module, images, layer, channel, k: int = 9, batch_size
         raise ValueError(f"expected k at most the number of images ({len(images)}), got k={k}")
     name, _ = resolve_layer(model, layer)
     rf = receptive_field(model, name)
-    device = _device_of(model)
+    device = model_device(model)
     tops = [_RunningTopK(k, rf, pad_value) for _ in channels]
     chosen = torch.tensor([int(c) for c in channels])
     seen, H, W, out_device = 0, None, None, None

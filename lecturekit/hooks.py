@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["resolve_layer", "layer_names", "Captured", "capture", "forward_to", "OUTPUT", "relu_backward",
-           "preserved", "iterate_batches", "RELU_RULES"]
+           "preserved", "model_device", "iterate_batches", "RELU_RULES"]
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -242,6 +242,13 @@ def preserved(model: nn.Module, eval_mode: bool = True, freeze: bool = True) -> 
         for p, requires_grad, grad in params:
             p.requires_grad_(requires_grad)
             p.grad = grad
+
+
+def model_device(model: nn.Module, fallback: torch.device | str = "cpu") -> torch.device:
+    """The device of the model's parameters (or buffers); ``fallback`` for a model with neither."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device(fallback)
 
 
 def iterate_batches(n: int, batch_size: int) -> Iterable[slice]:

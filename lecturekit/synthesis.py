@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import check_images, check_targets
-from .hooks import OUTPUT as _OUTPUT, forward_to, preserved, resolve_layer
+from .hooks import OUTPUT as _OUTPUT, forward_to, model_device, preserved, resolve_layer
 
 __all__ = [
     "Objective", "class_score", "class_logprob", "channel", "neuron", "layer_norm", "total_variation", "l2", "alpha_norm",
@@ -293,11 +293,6 @@ def _check_steps(steps) -> int:
     return int(steps)
 
 
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _progress(steps: int, progress: bool, desc: str):
     from tqdm.auto import tqdm
 
@@ -502,7 +497,7 @@ def class_visualization(model: nn.Module, target=None, *, steps: int = 200, lr: 
     if size < 8:
         raise ValueError(f"expected an image size of at least 8 pixels, got {size}")
     n = objective.n or 1
-    device = _device(model)
+    device = model_device(model)
     gen = torch.Generator().manual_seed(seed)
 
     with preserved(model), _evaluator(model, objective) as evaluate:
@@ -563,7 +558,7 @@ def deep_dream(model: nn.Module, x: torch.Tensor, layer, *, steps: int = 10, lr:
         raise ValueError(f"expected octaves to be a positive integer, got {octaves!r}")
     if not octave_scale > 1:
         raise ValueError(f"expected octave_scale > 1, got {octave_scale!r}")
-    x = x.detach().to(_device(model))
+    x = x.detach().to(model_device(model))
     H, W = x.shape[-2:]
     sizes = [(max(8, round(H / octave_scale ** i)), max(8, round(W / octave_scale ** i))) for i in range(octaves)][::-1]
     bases = [F.interpolate(x, size=s, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
@@ -614,7 +609,7 @@ def invert(model: nn.Module, x: torch.Tensor, layer, *, steps: int = 200, lr: fl
             raise ValueError(f"expected {key} to be a number >= 0, got {value!r}")
     if alpha < 1 or beta <= 0:
         raise ValueError(f"expected alpha >= 1 and beta > 0, got alpha={alpha}, beta={beta}")
-    x = x.detach().to(_device(model))
+    x = x.detach().to(model_device(model))
     gen = torch.Generator().manual_seed(seed)
     with preserved(model), forward_to(model, [name], detach=False) as run:
         with torch.no_grad():
