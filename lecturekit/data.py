@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
+import numbers
 import os
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = [
     "CLASSES",
@@ -32,10 +36,20 @@ __all__ = [
     "SAMPLE_IMAGES",
     "load_image",
     "to_tensor",
-    "to_pil",
+    "Target",
     "check_images",
     "check_targets",
+    "check_positive_int",
+    "check_nonnegative",
+    "check_channel",
+    "check_model",
+    "check_maps",
+    "check_baseline",
+    "gaussian_blur",
 ]
+
+Target = Union[int, torch.Tensor]
+"""A class: an ``int`` (the same for every image) or a LongTensor ``(N,)``, one per image (contract 2)."""
 
 # ---------------------------------------------------------------------------------------------------
 # ShapesWorld
@@ -327,17 +341,6 @@ def to_tensor(image, size: int | tuple[int, int] | None = None) -> torch.Tensor:
     return x.unsqueeze(0)
 
 
-def to_pil(x: torch.Tensor):
-    """(3, H, W) or (1, 3, H, W) tensor in [0, 1] -> PIL RGB image."""
-    from torchvision.transforms import functional as TF
-
-    if x.dim() == 4:
-        if x.shape[0] != 1:
-            raise ValueError(f"expected one image, got a batch of {x.shape[0]}")
-        x = x[0]
-    return TF.to_pil_image(x.detach().cpu().clamp(0, 1))
-
-
 def _fetch(url: str, timeout: float) -> Path:
     """Download ``url`` into the cache (once), refusing more than MAX_DOWNLOAD_BYTES."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
@@ -414,7 +417,7 @@ def check_images(x, name: str = "x") -> torch.Tensor:
     return x
 
 
-def check_targets(target, n: int, n_classes: int | None = None) -> torch.Tensor:
+def check_targets(target: Target, n: int, n_classes: int | None = None) -> torch.Tensor:
     """A class index (int) or LongTensor (N,) -> LongTensor (N,) (DESIGN.md, contract 2).
 
     Raises ``ValueError``/``TypeError`` for a wrong shape or dtype, or an index outside [0, n_classes).
@@ -436,3 +439,102 @@ def check_targets(target, n: int, n_classes: int | None = None) -> torch.Tensor:
     if n_classes is not None and len(target) and (target.min() < 0 or target.max() >= n_classes):
         raise ValueError(f"expected class indices in [0, {n_classes}), got {target.tolist()[:8]}")
     return target
+
+
+
+def check_positive_int(value, name: str) -> int:
+    """A count (``n``, ``k``, ``steps``, ``samples``, ``batch_size``, ...) -> int; a bool, a float or
+    a number below 1 raises ``ValueError`` naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"expected {name} to be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_nonnegative(value, name: str) -> float:
+    """A weight, learning rate or width (``tv_weight``, ``lr``, ``sigma``, ...) -> float, a number >= 0."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0):
+        raise ValueError(f"expected {name} to be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_channel(channel, n_channels: int, layer: str | None = None):
+    """A channel index (an int, or a LongTensor with one per image) inside ``[0, n_channels)``.
+
+    Returns ``channel`` unchanged; raises ``TypeError`` for a non-integer, ``ValueError`` out of range,
+    naming the layer and its number of channels.
+    """
+    where = f" for layer {layer!r}" if layer is not None else ""
+    if isinstance(channel, bool):
+        raise TypeError(f"expected an integer channel index{where}, got a bool")
+    if isinstance(channel, (int, np.integer)):
+        lo = hi = int(channel)
+        shown = int(channel)
+    elif isinstance(channel, torch.Tensor) and not channel.is_floating_point() and channel.numel() > 0:
+        lo, hi, shown = int(channel.min()), int(channel.max()), channel.tolist()
+    else:
+        raise TypeError(f"expected an integer channel index{where}, got {channel!r}")
+    if lo < 0 or hi >= n_channels:
+        raise ValueError(f"expected a channel index in [0, {n_channels}){where} ({n_channels} channels), got {shown}")
+    return channel
+
+
+def check_model(model) -> nn.Module:
+    """A ``torch.nn.Module`` (a model or a layer), returned unchanged; anything else raises ``TypeError``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module as model, got {type(model).__name__}")
+    return model
+
+
+def check_maps(maps, shape: tuple | None = None) -> torch.Tensor:
+    """Maps ``(N, H, W)``, finite; with ``shape`` (N, H, W) they must match it."""
+    if not isinstance(maps, torch.Tensor):
+        raise TypeError(f"expected maps as a torch.Tensor (N, H, W), got {type(maps).__name__}")
+    if maps.dim() != 3 or (shape is not None and tuple(maps.shape) != tuple(shape)):
+        want = "(N, H, W)" if shape is None else str(tuple(shape))
+        raise ValueError(f"expected maps of shape {want}, got {tuple(maps.shape)} "
+                         "(reduce (N, 3, H, W) maps first, e.g. m.abs().amax(1))")
+    if not torch.isfinite(maps).all():
+        raise ValueError("expected finite maps, found NaN or inf")
+    return maps
+
+
+def check_baseline(baseline, x: torch.Tensor) -> torch.Tensor:
+    """What replaces hidden pixels: a grey level in [0, 1] or an image broadcastable to x (N, 3, H, W).
+
+    Returns a 4-D tensor on x's device and dtype, (1, 3, 1, 1) for a grey level.
+    """
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        if not 0 <= baseline <= 1:
+            raise ValueError(f"expected a baseline grey level in [0, 1], got {baseline}")
+        return torch.full((1, 3, 1, 1), float(baseline), dtype=x.dtype, device=x.device)
+    if isinstance(baseline, torch.Tensor):
+        try:
+            torch.broadcast_shapes(baseline.shape, x.shape)
+        except RuntimeError:
+            raise ValueError(f"expected a baseline broadcastable to {tuple(x.shape)}, got {tuple(baseline.shape)}")
+        if torch.isnan(baseline).any() or baseline.min() < 0 or baseline.max() > 1:
+            raise ValueError("expected baseline values in pixel space [0, 1]")
+        b = baseline.to(device=x.device, dtype=x.dtype)
+        return b if b.dim() == 4 else b.reshape((1,) * (4 - b.dim()) + tuple(b.shape))
+    raise TypeError(f"expected a baseline grey level (float) or an image tensor, got {type(baseline).__name__}")
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of images or maps ``(..., H, W)`` with ``sigma`` in pixels, same shape.
+
+    The one blur rule of the package: torchvision's ``gaussian_blur`` (reflect padding) with a kernel
+    that covers +-3 sigma, ``2 ceil(3 sigma) + 1`` taps, cut to the largest odd size that fits inside
+    the image (reflect padding needs a kernel smaller than the image). ``sigma=0`` returns x.
+    """
+    from torchvision.transforms.functional import gaussian_blur as tv_blur
+
+    sigma = check_nonnegative(sigma, "sigma")
+    if sigma == 0:
+        return x
+    if x.dim() < 2:
+        raise ValueError(f"expected images or maps (..., H, W), got {tuple(x.shape)}")
+    k = 2 * math.ceil(3 * sigma) + 1  # the kernel covers +-3 sigma
+    k = max(1, min(k, 2 * ((min(x.shape[-2:]) - 1) // 2) + 1))  # and fits inside the image
+    shape = x.shape
+    flat = x.reshape(-1, 1, *shape[-2:])  # torchvision blurs (B, C, H, W); each map on its own
+    return tv_blur(flat, [k, k], [sigma, sigma]).reshape(shape)

@@ -11,14 +11,20 @@ Notebooks: 03_activations (capture), 05_guided_backprop (ReLU rules), 06_cam_gra
 from __future__ import annotations
 
 import difflib
+import functools
+import warnings
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar, Union
 
 import torch
 from torch import nn
 
-__all__ = ["resolve_layer", "layer_names", "Captured", "capture", "forward_to", "OUTPUT", "relu_backward",
-           "preserved", "model_device", "iterate_batches", "RELU_RULES"]
+__all__ = ["Layer", "resolve_layer", "layer_names", "Captured", "capture", "forward_to", "OUTPUT",
+           "relu_backward", "preserved", "model_device", "iterate_batches", "RELU_RULES", "progress_bar",
+           "target_score", "renamed"]
+
+Layer = Union[str, nn.Module]
+"""A layer: a name from ``model.named_modules()`` (``"features.7"``) or the module itself (contract 3)."""
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -26,7 +32,7 @@ def layer_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
-def resolve_layer(model: nn.Module, layer) -> tuple[str, nn.Module]:
+def resolve_layer(model: nn.Module, layer: Layer) -> tuple[str, nn.Module]:
     """A layer given by name (``"features.7"``) or as a module object -> ``(name, module)``.
 
     An unknown name raises ``ValueError`` listing the valid names closest to it (contract 3).
@@ -257,3 +263,60 @@ def iterate_batches(n: int, batch_size: int) -> Iterable[slice]:
         raise ValueError(f"expected a positive batch_size, got {batch_size}")
     for start in range(0, n, batch_size):
         yield slice(start, min(n, start + batch_size))
+
+
+T = TypeVar("T")
+
+
+def progress_bar(iterable: Iterable[T], progress: bool = True, total: int | None = None,
+                 desc: str | None = None) -> Iterable[T]:
+    """``iterable`` with a tqdm.auto progress bar (contract 8), or unchanged with ``progress=False``.
+
+    The one progress bar of the package: a notebook bar under Jupyter, a text bar elsewhere, removed
+    when the loop ends (``leave=False``). ``total`` for iterables without a length.
+    """
+    if not progress:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+def target_score(scores: torch.Tensor, target: torch.Tensor, output: str = "score") -> torch.Tensor:
+    """(B, K) model outputs, (B,) classes -> (B,) each image's ``S_target``.
+
+    ``output``: ``"score"`` (the raw class score, before the softmax) or ``"prob"`` (the softmax
+    probability, as in the figures of Zeiler and Fergus 2014 and Petsiuk et al. 2018).
+    """
+    if output == "prob":
+        scores = scores.softmax(1)
+    elif output != "score":
+        raise ValueError(f"expected output='score' (raw class score) or 'prob' (softmax), got {output!r}")
+    return scores.gather(1, target[:, None].to(scores.device))[:, 0]  # (B,)
+
+
+def renamed(**old_to_new: str) -> Callable[[Callable], Callable]:
+    """Decorator: keyword arguments renamed to the DESIGN.md vocabulary keep working, with a warning.
+
+        @renamed(images="x")
+        def top_patches(model, x, layer, channel, k=9): ...
+
+    ``top_patches(model, images=x, ...)`` then warns (DeprecationWarning) and passes ``x=``. The
+    signature shown by ``help`` and ``inspect.signature`` is the new one.
+    """
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{func.__name__}() got both {old}= (the old name) and {new}=; pass {new}=")
+                    warnings.warn(f"{func.__name__}({old}=...) is deprecated; use {new}=",
+                                  DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return func(*args, **kwargs)
+
+        wrapper.renamed = dict(old_to_new)
+        return wrapper
+
+    return decorate
