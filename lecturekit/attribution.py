@@ -22,14 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import check_images, check_targets
-from .hooks import capture, iterate_batches, model_device, preserved, relu_backward, resolve_layer
+from contextlib import nullcontext
 
-__all__ = ["occlusion", "occlusion_positions", "saliency", "guided_backprop", "deconvnet", "cam",
-           "grad_cam", "guided_grad_cam", "shapley", "saliency_to_mask", "mask_iou", "class_scores"]
+from .data import (Target, check_baseline, check_channel, check_images, check_maps, check_positive_int,
+                   check_targets, gaussian_blur)
+from .hooks import (Layer, ReluRule, capture, iterate_batches, model_device, preserved, progress_bar, relu_backward,
+                    resolve_layer, target_score)
 
+__all__ = ["occlusion", "occlusion_positions", "gradient", "saliency", "guided_relu", "deconvnet_relu",
+           "guided_backprop", "deconvnet", "cam", "grad_cam", "guided_grad_cam", "shapley", "saliency_to_mask",
+           "mask_iou"]
 
-# ---- shared mechanics -----------------------------------------------------------------------------
 
 def _pair(value, name: str) -> tuple[int, int]:
     if isinstance(value, bool):
@@ -39,54 +42,6 @@ def _pair(value, name: str) -> tuple[int, int]:
     if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value)):
         raise TypeError(f"expected {name} as an int or a pair of ints (h, w), got {value!r}")
     return int(value[0]), int(value[1])
-
-
-def _baseline(baseline, x: torch.Tensor) -> torch.Tensor:
-    """A float grey level or an image tensor broadcastable to x (N, 3, H, W), in [0, 1]."""
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        if not 0 <= baseline <= 1:
-            raise ValueError(f"expected a baseline grey level in [0, 1], got {baseline}")
-        return torch.full((1, 3, 1, 1), float(baseline), dtype=x.dtype, device=x.device)
-    if isinstance(baseline, torch.Tensor):
-        try:
-            torch.broadcast_shapes(baseline.shape, x.shape)
-        except RuntimeError:
-            raise ValueError(f"expected a baseline broadcastable to {tuple(x.shape)}, got {tuple(baseline.shape)}")
-        if torch.isnan(baseline).any() or baseline.min() < 0 or baseline.max() > 1:
-            raise ValueError("expected baseline values in pixel space [0, 1]")
-        b = baseline.to(device=x.device, dtype=x.dtype)
-        return b if b.dim() == 4 else b.reshape((1,) * (4 - b.dim()) + tuple(b.shape))
-    raise TypeError(f"expected a baseline grey level (float) or an image tensor, got {type(baseline).__name__}")
-
-
-def _output(scores: torch.Tensor, output: str) -> torch.Tensor:
-    if output == "score":
-        return scores
-    if output == "prob":
-        return scores.softmax(1)
-    raise ValueError(f"expected output='score' (raw class score) or 'prob' (softmax), got {output!r}")
-
-
-def _pick(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, K) values, (B,) classes -> (B,) the value of each row's class."""
-    return values.gather(1, target[:, None])[:, 0]
-
-
-def _progress(iterable, progress: bool, total: int, desc: str):
-    if not progress:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False)
-
-
-def class_scores(model: nn.Module, x: torch.Tensor, target, output: str = "score") -> torch.Tensor:
-    """The target's raw score (or softmax probability) for each image, (N,), without gradients."""
-    x = check_images(x)
-    with preserved(model), torch.no_grad():
-        values = _output(model(x.to(model_device(model, x.device))), output)  # (N, K)
-        target = check_targets(target, len(x), values.shape[1]).to(values.device)
-        return _pick(values, target).to(x.device)
 
 
 # ---- occlusion (Zeiler and Fergus 2014) -----------------------------------------------------------
@@ -109,7 +64,7 @@ def occlusion_positions(size: tuple[int, int], patch, stride) -> list[tuple[int,
     return [(y, x) for y in ys for x in xs]
 
 
-def occlusion(model: nn.Module, x: torch.Tensor, target, patch=8, stride=4, baseline=0.0,
+def occlusion(model: nn.Module, x: torch.Tensor, target: Target, patch=8, stride=4, baseline=0.0,
               output: str = "score", batch_size: int = 64, progress: bool = True) -> torch.Tensor:
     """Occlusion sensitivity (Zeiler and Fergus 2014): how much the target's score drops when a patch is hidden.
 
@@ -129,25 +84,24 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, patch=8, stride=4, base
     N, _, H, W = x.shape
     ph, pw = _pair(patch, "patch")
     corners = occlusion_positions((H, W), (ph, pw), stride)  # P positions (y, x), row-major grid
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"expected a positive integer batch_size, got {batch_size!r}")
+    batch_size = check_positive_int(batch_size, "batch_size")
     device = model_device(model, x.device)
     xd = x.to(device)
-    base = _baseline(baseline, xd).expand(N, 3, H, W)  # (N, 3, H, W), a view
+    base = check_baseline(baseline, xd).expand(N, 3, H, W)  # (N, 3, H, W), a view
     P = len(corners)
     with preserved(model), torch.no_grad():
-        values = _output(model(xd), output)  # (N, K)
-        target = check_targets(target, N, values.shape[1]).to(device)
-        s0 = _pick(values, target)  # (N,)
-        drops = torch.empty(N * P, device=device, dtype=values.dtype)  # d_p for every image and position
+        scores = model(xd)  # (N, K)
+        target = check_targets(target, N, scores.shape[1]).to(device)
+        s0 = target_score(scores, target, output)  # (N,)
+        drops = torch.empty(N * P, device=device, dtype=s0.dtype)  # d_p for every image and position
         jobs = iterate_batches(N * P, batch_size)
-        for job in _progress(jobs, progress, -(-N * P // batch_size), "occlusion"):
+        for job in progress_bar(jobs, progress, -(-N * P // batch_size), "occlusion"):
             n = torch.arange(job.start, job.stop, device=device) // P  # which image
             copies = xd[n]  # (B, 3, H, W), made here, never all at once
             for b, j in enumerate(range(job.start, job.stop)):  # paste the patches: slices, no masks
                 (y0, x0), i = corners[j % P], j // P
                 copies[b, :, y0:y0 + ph, x0:x0 + pw] = base[i, :, y0:y0 + ph, x0:x0 + pw]
-            drops[job] = s0[n] - _pick(_output(model(copies), output), target[n])  # (B,)
+            drops[job] = s0[n] - target_score(model(copies), target[n], output)  # (B,)
         # Spread the drops back to pixels. The positions form a grid ys x xs and the patch at
         # (y, x) is rows(y) x cols(x), so sum_p d_p [pixel in patch p] = R^T D C with R (ny, H) and
         # C (nx, W) the row and column indicators: two small matrix products, no (P, H, W) tensor.
@@ -164,13 +118,18 @@ def occlusion(model: nn.Module, x: torch.Tensor, target, patch=8, stride=4, base
 
 # ---- gradients: saliency, guided backprop, deconvnet (Simonyan 2014, Springenberg 2015) -----------
 
-def _objective_gradient(model: nn.Module, x: torch.Tensor, target=None, layer=None, channel=None,
-                        position=None, rule: str | None = None) -> torch.Tensor:
-    """d(objective)/dx, (N, 3, H, W), with the ReLUs' backward ``rule`` (None: ordinary backprop).
+def gradient(model: nn.Module, x: torch.Tensor, target: Target | None = None, layer: Layer | None = None,
+             channel: int | None = None, position: tuple[int, int] | None = None,
+             rule: ReluRule | None = None) -> torch.Tensor:
+    """The plain, signed input gradient ``d S_target / d x`` (N, 3, H, W), or of one neuron.
 
-    The objective is the target's raw class score, or with ``layer`` and ``channel`` one neuron of an
-    intermediate layer: the activation at ``position`` (y, x) of that channel, by default the
-    position where the channel is largest in each image.
+    The objective is the target's raw class score S_target (before the softmax, not the loss), or
+    with ``layer`` and ``channel`` one neuron of an intermediate layer: the activation at ``position``
+    (y, x) of that channel, by default the position where the channel is largest in each image.
+    ``rule``: a ReLU backward rule ``(f_positive, R) -> R_l`` (:func:`guided_relu`,
+    :func:`deconvnet_relu`); None is ordinary backpropagation. Images are independent: one backward
+    pass for the batch. x: (N, 3, H, W) in [0, 1]; returns (N, 3, H, W), signed.
+    Notebook: 04_occlusion_saliency
     """
     x = check_images(x)
     N = len(x)
@@ -183,33 +142,26 @@ def _objective_gradient(model: nn.Module, x: torch.Tensor, target=None, layer=No
     device = model_device(model, x.device)
     with preserved(model):
         xg = x.detach().to(device).clone().requires_grad_(True)
-        rules = relu_backward(model, rule) if rule is not None else _nothing()
+        rules = relu_backward(model, rule) if rule is not None else nullcontext()
         with rules, capture(model, [layer] if layer is not None else [], detach=False) as acts:
             scores = model(xg)  # (N, K)
             if layer is None:
                 if target is None:
                     raise ValueError("expected a target class (or layer= and channel= for a neuron)")
                 target = check_targets(target, N, scores.shape[1]).to(device)
-                objective = _pick(scores, target)  # (N,) raw class scores, before softmax
+                objective = target_score(scores, target)  # (N,) raw class scores, before softmax
             else:
                 name, _ = resolve_layer(model, layer)
-                objective = _neuron(acts[name], channel, position)  # (N,)
-            (grad,) = torch.autograd.grad(objective.sum(), xg)  # images are independent: one pass
+                objective = _neuron(acts[name], channel, position, name)  # (N,)
+            (grad,) = torch.autograd.grad(objective.sum(), xg)  # (N, 3, H, W)
     return grad.detach().to(x.device)
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _neuron(A: torch.Tensor, channel: int, position=None) -> torch.Tensor:
+def _neuron(A: torch.Tensor, channel: int, position=None, layer: str | None = None) -> torch.Tensor:
     """One activation per image from A (N, C, h, w) (or (N, C)): channel at position, default its max."""
-    if not isinstance(channel, int) or not 0 <= channel < A.shape[1]:
-        raise ValueError(f"expected a channel in [0, {A.shape[1]}) for this layer, got {channel!r}")
+    if not isinstance(channel, int):
+        raise TypeError(f"expected an integer channel index, got {channel!r}")
+    check_channel(channel, A.shape[1], layer)
     a = A[:, channel]  # (N, h, w) or (N,)
     if a.dim() == 1:
         return a
@@ -225,39 +177,53 @@ def _neuron(A: torch.Tensor, channel: int, position=None) -> torch.Tensor:
     return a.gather(1, index[:, None])[:, 0]
 
 
-def saliency(model: nn.Module, x: torch.Tensor, target) -> torch.Tensor:
+def saliency(model: nn.Module, x: torch.Tensor, target: Target) -> torch.Tensor:
     """Saliency map (Simonyan et al. 2014): ``M_ij = max_c |d S_target / d x_cij|``.
 
     S is the raw class score (before the softmax, not the loss); the absolute gradient is reduced by
     the maximum over the colour channels. x: (N, 3, H, W) in [0, 1]; returns (N, H, W) >= 0.
     Notebook: 04_occlusion_saliency
     """
-    grad = _objective_gradient(model, x, target)  # (N, 3, H, W)
+    grad = gradient(model, x, target)  # (N, 3, H, W)
     return grad.abs().amax(1)  # (N, H, W)
 
 
-def guided_backprop(model: nn.Module, x: torch.Tensor, target=None, layer=None, channel: int | None = None,
-                    position=None) -> torch.Tensor:
+def guided_relu(f_positive: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """Guided backpropagation's ReLU rule (Springenberg et al. 2015, Fig. 1): ``R_l = (f_l > 0)(R_{l+1} > 0) R_{l+1}``.
+
+    f_positive: the forward mask (f_l > 0) of the ReLU's input; R: the gradient from above.
+    """
+    return f_positive * (R > 0) * R
+
+
+def deconvnet_relu(f_positive: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """The deconvnet's ReLU rule (Zeiler and Fergus 2014): ``R_l = (R_{l+1} > 0) R_{l+1}``, the forward mask ignored."""
+    return (R > 0) * R
+
+
+def guided_backprop(model: nn.Module, x: torch.Tensor, target: Target | None = None, layer: Layer | None = None,
+                    channel: int | None = None, position: tuple[int, int] | None = None) -> torch.Tensor:
     """Guided backpropagation (Springenberg et al. 2015): at every ReLU, ``R_l = (f_l > 0)(R_{l+1} > 0) R_{l+1}``.
 
     The gradient of the target's raw class score, or of one neuron (``layer``, ``channel``, and
     ``position`` (y, x) in that layer's maps, by default where the channel is largest), with respect
-    to the pixels. In-place ReLUs work (``lecturekit.hooks.relu_backward``).
-    x: (N, 3, H, W) in [0, 1]; returns (N, 3, H, W), signed.
+    to the pixels, with every nn.ReLU's backward replaced by :func:`guided_relu`. In-place ReLUs work
+    (``lecturekit.hooks.relu_backward``). x: (N, 3, H, W) in [0, 1]; returns (N, 3, H, W), signed.
     Notebook: 05_guided_backprop
     """
-    return _objective_gradient(model, x, target, layer, channel, position, rule="guided")
+    return gradient(model, x, target, layer, channel, position, rule=guided_relu)
 
 
-def deconvnet(model: nn.Module, x: torch.Tensor, target=None, layer=None, channel: int | None = None,
-              position=None) -> torch.Tensor:
+def deconvnet(model: nn.Module, x: torch.Tensor, target: Target | None = None, layer: Layer | None = None,
+              channel: int | None = None, position: tuple[int, int] | None = None) -> torch.Tensor:
     """Deconvnet (Zeiler and Fergus 2014) as a backward rule: at every ReLU, ``R_l = (R_{l+1} > 0) R_{l+1}``.
 
-    The forward mask (f > 0) is ignored; max-pooling switches and transposed convolutions are what
-    the ordinary gradient already does. Arguments as in :func:`guided_backprop`; returns (N, 3, H, W).
+    The forward mask (f > 0) is ignored (:func:`deconvnet_relu`); max-pooling switches and transposed
+    convolutions are what the ordinary gradient already does. Arguments as in :func:`guided_backprop`;
+    returns (N, 3, H, W).
     Notebook: 05_guided_backprop
     """
-    return _objective_gradient(model, x, target, layer, channel, position, rule="deconvnet")
+    return gradient(model, x, target, layer, channel, position, rule=deconvnet_relu)
 
 
 # ---- CAM (Zhou et al. 2016) and Grad-CAM (Selvaraju et al. 2017) ----------------------------------
@@ -270,7 +236,7 @@ def _upsample(maps: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
-def cam(model: nn.Module, x: torch.Tensor, target, layer=None, fc=None, upsample: bool = True) -> torch.Tensor:
+def cam(model: nn.Module, x: torch.Tensor, target: Target, layer: Layer | None = None, fc: Layer | None = None, upsample: bool = True) -> torch.Tensor:
     """Class activation map (Zhou et al. 2016): ``M_c(i, j) = sum_k w_k^c A_k(i, j)``.
 
     For networks whose score is ``S_c = sum_k w_k^c GAP(A_k) + b_c``: A (N, C, h, w) are the last
@@ -303,13 +269,13 @@ def cam(model: nn.Module, x: torch.Tensor, target, layer=None, fc=None, upsample
         w = linear.weight[target]  # (N, C) the class's weights
         M = torch.einsum("nc,nchw->nhw", w, A)  # (N, h, w)
         bias = linear.bias[target] if linear.bias is not None else 0
-        if not torch.allclose(M.mean((1, 2)) + bias, _pick(scores, target), rtol=1e-3, atol=1e-3):
+        if not torch.allclose(M.mean((1, 2)) + bias, target_score(scores, target), rtol=1e-3, atol=1e-3):
             raise ValueError(f"the model is not GAP + linear after {layer!r}: the mean of the CAM plus "
                              f"the bias differs from the class score; use grad_cam for this model")
     return (_upsample(M, x.shape[2:]) if upsample else M).to(x.device)
 
 
-def grad_cam(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = True,
+def grad_cam(model: nn.Module, x: torch.Tensor, target: Target, layer: Layer, relu: bool = True,
              upsample: bool = True) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al. 2017): ``ReLU(sum_k alpha_k^c A_k)``, ``alpha_k^c = mean_ij dS_c/dA_k(i, j)``.
 
@@ -329,14 +295,14 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target, layer, relu: bool = True
         A = acts[name]  # (N, C, h, w)
         if A.dim() != 4:
             raise ValueError(f"expected {name!r} to give feature maps (N, C, h, w), got {tuple(A.shape)}")
-        (dA,) = torch.autograd.grad(_pick(scores, target).sum(), A)  # backward to A only, not to x
+        (dA,) = torch.autograd.grad(target_score(scores, target).sum(), A)  # backward to A only, not to x
         alpha = dA.mean((2, 3), keepdim=True)  # (N, C, 1, 1)
         M = (alpha * A).sum(1).detach()  # (N, h, w)
     M = M.clamp(min=0) if relu else M
     return (_upsample(M, x.shape[2:]) if upsample else M).to(x.device)
 
 
-def guided_grad_cam(model: nn.Module, x: torch.Tensor, target, layer) -> torch.Tensor:
+def guided_grad_cam(model: nn.Module, x: torch.Tensor, target: Target, layer: Layer) -> torch.Tensor:
     """Guided Grad-CAM (Selvaraju et al. 2017): guided backprop times the upsampled Grad-CAM, (N, 3, H, W).
 
     Notebook: 06_cam_gradcam
@@ -346,7 +312,7 @@ def guided_grad_cam(model: nn.Module, x: torch.Tensor, target, layer) -> torch.T
 
 # ---- Shapley values of patches (Strumbelj and Kononenko 2014) -------------------------------------
 
-def shapley(model: nn.Module, x: torch.Tensor, target, patch=8, samples: int = 32, seed: int = 0,
+def shapley(model: nn.Module, x: torch.Tensor, target: Target, patch=8, samples: int = 32, seed: int = 0,
             baseline=0.0, output: str = "score", per_patch: bool = False, batch_size: int = 64,
             progress: bool = True) -> torch.Tensor:
     """Shapley values of image patches, estimated by permutation sampling.
@@ -367,13 +333,13 @@ def shapley(model: nn.Module, x: torch.Tensor, target, patch=8, samples: int = 3
     ph, pw = _pair(patch, "patch")
     if ph < 1 or pw < 1 or ph > H or pw > W:
         raise ValueError(f"expected a patch between 1x1 and the image size {H}x{W}, got {ph}x{pw}")
-    if not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"expected a positive number of samples, got {samples!r}")
+    samples = check_positive_int(samples, "samples")
+    batch_size = check_positive_int(batch_size, "batch_size")
     gh, gw = -(-H // ph), -(-W // pw)
     D = gh * gw  # players
     device = model_device(model, x.device)
     xd = x.to(device)
-    base = _baseline(baseline, xd)
+    base = check_baseline(baseline, xd)
     # Which player owns each pixel: (H, W) in [0, D).
     owner = (torch.arange(H, device=device)[:, None] // ph) * gw + torch.arange(W, device=device)[None] // pw
     gen = torch.Generator().manual_seed(seed)
@@ -386,14 +352,14 @@ def shapley(model: nn.Module, x: torch.Tensor, target, patch=8, samples: int = 3
         target = check_targets(target, N, n_classes).to(device)
         f = torch.empty(N * samples, K, device=device, dtype=x.dtype)  # f(coalition k of order o)
         jobs = iterate_batches(N * samples * K, batch_size)
-        for job in _progress(jobs, progress, -(-N * samples * K // batch_size), "shapley"):
+        for job in progress_bar(jobs, progress, -(-N * samples * K // batch_size), "shapley"):
             j = torch.arange(job.start, job.stop, device=device)
             o, k = j // K, j % K  # order, coalition size
             n = o // samples
             on = rank[o][:, owner] < k[:, None, None]  # (B, H, W) pixels of switched-on players
             b = base if base.shape[0] == 1 else base[n]
             images = torch.where(on[:, None], xd[n], b)  # (B, 3, H, W)
-            f[o, k] = _pick(_output(model(images), output), target[n])
+            f[o, k] = target_score(model(images), target[n], output)
         # marginal contribution of the player switched on at step k: f[k+1] - f[k]
         marginal = f[:, 1:] - f[:, :-1]  # (N*samples, D), by step
         by_player = marginal.gather(1, rank)  # (N*samples, D), by player
@@ -412,14 +378,10 @@ def saliency_to_mask(maps: torch.Tensor, quantile: float = 0.8, sigma: float = 0
     ``sigma`` > 0 first smooths the map with a Gaussian (torchvision), which saliency maps need.
     Notebook: 04_occlusion_saliency
     """
-    maps = _check_maps(maps)
+    maps = check_maps(maps)
     if not 0 <= quantile < 1:
         raise ValueError(f"expected a quantile in [0, 1), got {quantile}")
-    if sigma > 0:
-        from torchvision.transforms.functional import gaussian_blur
-
-        k = 2 * int(3 * sigma) + 1
-        maps = gaussian_blur(maps[:, None].float(), [k, k], [sigma, sigma])[:, 0]
+    maps = gaussian_blur(maps.float(), sigma)  # (N, H, W); sigma=0 leaves the map as it is
     flat = maps.flatten(1).float()
     level = torch.quantile(flat, quantile, dim=1)  # (N,)
     return maps > level[:, None, None]
@@ -433,16 +395,3 @@ def mask_iou(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     inter = (pred & true).flatten(1).sum(1).float()
     union = (pred | true).flatten(1).sum(1).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
-
-
-def _check_maps(maps: torch.Tensor, shape=None) -> torch.Tensor:
-    """Maps (N, H, W), finite; with ``shape`` (N, H, W) they must match it."""
-    if not isinstance(maps, torch.Tensor):
-        raise TypeError(f"expected maps as a torch.Tensor (N, H, W), got {type(maps).__name__}")
-    if maps.dim() != 3 or (shape is not None and tuple(maps.shape) != tuple(shape)):
-        want = "(N, H, W)" if shape is None else str(tuple(shape))
-        raise ValueError(f"expected maps of shape {want}, got {tuple(maps.shape)} "
-                         "(reduce (N, 3, H, W) maps first, e.g. m.abs().amax(1))")
-    if not torch.isfinite(maps).all():
-        raise ValueError("expected finite maps, found NaN or inf")
-    return maps

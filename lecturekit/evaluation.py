@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attribution import _baseline, _check_maps, _output, _pick, _progress
-from .hooks import model_device
-from .data import check_images, check_targets
-from .hooks import iterate_batches, preserved
+from .data import (Target, check_baseline, check_images, check_maps, check_positive_int, check_targets,
+                   gaussian_blur)
+from .hooks import Layer, iterate_batches, model_device, preserved, progress_bar, resolve_layer, target_score
 
 __all__ = ["pointing_game", "map_to_box", "box_iou", "localisation_error", "Curve", "deletion_curve",
            "insertion_curve", "randomisation_check", "RandomisationResult"]
@@ -40,7 +39,7 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: float = 0.
     first maximum in row-major order. Returns hits (N,) bool; the accuracy is ``hits.float().mean()``.
     Notebook: 07_evaluating_explanations
     """
-    maps = _check_maps(maps)
+    maps = check_maps(maps)
     if not isinstance(masks, torch.Tensor) or masks.shape != maps.shape:
         raise ValueError(f"expected masks of shape {tuple(maps.shape)} like the maps, "
                          f"got {tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__}")
@@ -65,7 +64,7 @@ def map_to_box(maps: torch.Tensor, fraction: float = 0.2) -> torch.Tensor:
     """
     from scipy import ndimage
 
-    maps = _check_maps(maps)
+    maps = check_maps(maps)
     if not 0 < fraction < 1:
         raise ValueError(f"expected a fraction of the maximum in (0, 1), got {fraction}")
     boxes = torch.zeros(len(maps), 4)
@@ -125,9 +124,9 @@ class Curve:
 def _curve(model, x, target, maps, steps, start, end, output, batch_size, progress, desc) -> Curve:
     """Images go from ``start`` to ``end`` pixel by pixel, most important first (by ``maps``)."""
     N, _, H, W = x.shape
-    maps = _check_maps(maps, (N, H, W))
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"expected a positive number of steps, got {steps!r}")
+    maps = check_maps(maps, (N, H, W))
+    steps = check_positive_int(steps, "steps")
+    batch_size = check_positive_int(batch_size, "batch_size")
     device = model_device(model, x.device)
     order = maps.to(device).flatten(1).argsort(dim=1, descending=True, stable=True)  # (N, HW)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(H * W, device=device).expand_as(order))
@@ -138,20 +137,20 @@ def _curve(model, x, target, maps, steps, start, end, output, batch_size, progre
     with preserved(model), torch.no_grad():
         n_classes = model(start[:1]).shape[1]
         target = check_targets(target, N, n_classes).to(device)
-        for job in _progress(iterate_batches(N * K, batch_size), progress, -(-N * K // batch_size), desc):
+        for job in progress_bar(iterate_batches(N * K, batch_size), progress, -(-N * K // batch_size), desc):
             j = torch.arange(job.start, job.stop, device=device)
             n, k = j // K, j % K
             changed = rank[n] < counts[k][:, None, None, None]  # (B, 1, H, W)
             s = start if start.shape[0] == 1 else start[n]
             e = end if end.shape[0] == 1 else end[n]
             images = torch.where(changed, e, s)  # (B, 3, H, W)
-            scores[n, k] = _pick(_output(model(images), output), target[n])
+            scores[n, k] = target_score(model(images), target[n], output)
     fractions = counts.float() / (H * W)
     auc = torch.trapezoid(scores, fractions, dim=1)
     return Curve(fractions.to(x.device), scores.to(x.device), auc.to(x.device))
 
 
-def deletion_curve(model: nn.Module, x: torch.Tensor, target, maps: torch.Tensor, steps: int = 32,
+def deletion_curve(model: nn.Module, x: torch.Tensor, target: Target, maps: torch.Tensor, steps: int = 32,
                    baseline=0.0, output: str = "prob", batch_size: int = 64, progress: bool = True) -> Curve:
     """Deletion (Petsiuk et al. 2018): remove pixels most important first, watch the class probability fall.
 
@@ -162,11 +161,11 @@ def deletion_curve(model: nn.Module, x: torch.Tensor, target, maps: torch.Tensor
     """
     x = check_images(x)
     xd = x.to(model_device(model, x.device))
-    return _curve(model, x, target, maps, steps, xd, _baseline(baseline, xd), output, batch_size, progress,
+    return _curve(model, x, target, maps, steps, xd, check_baseline(baseline, xd), output, batch_size, progress,
                   "deletion")
 
 
-def insertion_curve(model: nn.Module, x: torch.Tensor, target, maps: torch.Tensor, steps: int = 32,
+def insertion_curve(model: nn.Module, x: torch.Tensor, target: Target, maps: torch.Tensor, steps: int = 32,
                     baseline="blur", output: str = "prob", batch_size: int = 64, progress: bool = True) -> Curve:
     """Insertion (Petsiuk et al. 2018): start from a blurred copy and put pixels back, most important first.
 
@@ -179,12 +178,9 @@ def insertion_curve(model: nn.Module, x: torch.Tensor, target, maps: torch.Tenso
     if isinstance(baseline, str):
         if baseline != "blur":
             raise ValueError(f"expected baseline='blur', a grey level or an image, got {baseline!r}")
-        from torchvision.transforms.functional import gaussian_blur
-
-        r = min(15, min(xd.shape[2:]) - 1)  # kernel radius 3 sigma, cut to fit small images
-        start = gaussian_blur(xd, [2 * r + 1, 2 * r + 1], [5.0, 5.0])  # (N, 3, H, W)
+        start = gaussian_blur(xd, 5.0)  # (N, 3, H, W)
     else:
-        start = _baseline(baseline, xd).expand_as(xd)
+        start = check_baseline(baseline, xd).expand_as(xd)
     return _curve(model, x, target, maps, steps, start, xd, output, batch_size, progress, "insertion")
 
 
@@ -220,7 +216,8 @@ def _reinitialise(module: nn.Module, seed: int) -> None:
                 p.normal_(0, float(p.std()) if p.numel() > 1 else 0.01)
 
 
-def randomisation_check(method, model: nn.Module, x: torch.Tensor, target, layers=None, seed: int = 0,
+def randomisation_check(method, model: nn.Module, x: torch.Tensor, target: Target,
+                        layers: list[Layer] | None = None, seed: int = 0,
                         absolute: bool = True, **kwargs) -> RandomisationResult:
     """Cascading model randomisation (Adebayo et al. 2018): does the map change when the weights do?
 
@@ -239,8 +236,6 @@ def randomisation_check(method, model: nn.Module, x: torch.Tensor, target, layer
     if layers is None:
         layers = [name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))][::-1]
     else:
-        from .hooks import resolve_layer
-
         layers = [resolve_layer(model, layer)[0] for layer in layers]
     if not layers:
         raise ValueError("expected a model with parameters to randomise")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 __all__ = ["Layer", "resolve_layer", "layer_names", "Captured", "capture", "forward_to", "OUTPUT",
-           "relu_backward", "preserved", "model_device", "iterate_batches", "RELU_RULES", "progress_bar",
+           "relu_backward", "ReluRule", "preserved", "model_device", "iterate_batches", "progress_bar",
            "target_score", "renamed"]
 
 Layer = Union[str, nn.Module]
@@ -163,20 +163,10 @@ def forward_to(model: nn.Module, layers, output: bool = False, detach: bool = Tr
                 handle.remove()
 
 
-def _guided(f_positive: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return grad * f_positive * (grad > 0)  # (f > 0) . (R > 0) . R
-
-
-def _deconvnet(f_positive: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return grad.clamp(min=0)  # (R > 0) . R, the forward mask is ignored
-
-
-def _backprop(f_positive: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    return grad * f_positive  # (f > 0) . R, the ordinary rule
-
-
-RELU_RULES = {"guided": _guided, "deconvnet": _deconvnet, "backprop": _backprop}
-"""ReLU backward rules of Springenberg et al. 2015 (Fig. 1): R is the gradient from above, f the input."""
+ReluRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A ReLU backward rule ``rule(f_positive, R) -> R_l``: ``f_positive`` (f > 0) is the forward mask of
+the ReLU's input f, ``R`` the gradient arriving from above. The rules of the lecture (guided
+backpropagation, deconvnet) are written next to the techniques, in ``lecturekit.attribution``."""
 
 
 class _RuleReLU(torch.autograd.Function):
@@ -191,26 +181,26 @@ class _RuleReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (f_positive,) = ctx.saved_tensors
-        return RELU_RULES[ctx.rule](f_positive, grad), None
+        return ctx.rule(f_positive, grad), None
 
 
 @contextmanager
-def relu_backward(model: nn.Module, rule: str = "guided") -> Iterator[nn.Module]:
+def relu_backward(model: nn.Module, rule: ReluRule) -> Iterator[nn.Module]:
     """Inside the block, every ``nn.ReLU`` of ``model`` computes its backward pass with ``rule``.
 
-    rule: ``"guided"`` (guided backpropagation), ``"deconvnet"`` (Zeiler and Fergus 2014) or
-    ``"backprop"``. The ReLU modules' forward is swapped for the block (not hooked), so in-place ReLUs
+    rule: a function ``(f_positive, R) -> R_l`` (:data:`ReluRule`), e.g.
+    ``lecturekit.attribution.guided_relu`` (guided backpropagation) or ``deconvnet_relu`` (Zeiler and
+    Fergus 2014). The ReLU modules' forward is swapped for the block (not hooked), so in-place ReLUs
     work and the forward values are unchanged; the originals return when the block ends.
     ReLUs called as functions (``F.relu``) inside a model's forward are not nn.ReLU modules and are
     not swapped: a warning says so when a model has no nn.ReLU at all.
     """
-    if rule not in RELU_RULES:
-        raise ValueError(f"unknown ReLU rule {rule!r}; expected one of {sorted(RELU_RULES)}")
+    if not callable(rule):
+        raise TypeError(f"expected rule to be a function (f_positive, R) -> R_l, such as "
+                        f"lecturekit.attribution.guided_relu, got {rule!r}")
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     if not relus:
-        import warnings
-
-        warnings.warn(f"{type(model).__name__} has no nn.ReLU modules; the {rule!r} rule changes nothing")
+        warnings.warn(f"{type(model).__name__} has no nn.ReLU modules; the ReLU rule changes nothing")
     swapped = []
     try:
         for module in relus:

@@ -86,7 +86,7 @@ def test_relu_rules_by_hand_on_a_two_layer_net(seed):
     assert not torch.allclose(by_hand["guided"], by_hand["backprop"])
     assert not torch.allclose(by_hand["guided"], by_hand["deconvnet"])
     got = {
-        "backprop": A._objective_gradient(net, x, 2),
+        "backprop": A.gradient(net, x, 2),
         "guided": A.guided_backprop(net, x, 2),
         "deconvnet": A.deconvnet(net, x, 2),
     }
@@ -115,7 +115,7 @@ def test_guided_backprop_of_a_first_layer_neuron_is_its_gradient():
 def test_guided_backprop_and_deconvnet_on_course_net(random_course, shapes_batch):
     x, y = shapes_batch.images[:2], shapes_batch.labels[:2]
     g, d = A.guided_backprop(random_course, x, y), A.deconvnet(random_course, x, y)
-    plain = A._objective_gradient(random_course, x, y)
+    plain = A.gradient(random_course, x, y)
     assert g.shape == d.shape == (2, 3, 64, 64)
     assert not torch.allclose(g, plain) and not torch.allclose(d, plain) and not torch.allclose(g, d)
     # The forward pass is unchanged by the rules, and the model's ReLUs are back to normal after.
@@ -377,7 +377,7 @@ def test_bad_targets_layers_patches_and_strides(random_course, shapes_batch):
         A.grad_cam(random_course, x, 0, "features.99")
     with pytest.raises(ValueError, match="unknown layer"):
         A.guided_backprop(random_course, x, layer="featuers.3", channel=0)
-    with pytest.raises(ValueError, match=r"channel in \[0, 64\)"):
+    with pytest.raises(ValueError, match=r"channel index in \[0, 64\)"):
         A.guided_backprop(random_course, x, layer="features.7", channel=64)
     with pytest.raises(ValueError, match="patch between"):
         A.occlusion(random_course, x, 0, patch=65, progress=False)

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from conftest import model_state, tiny_net
-from lecturekit import hooks
+from lecturekit import attribution, hooks
 
 
 def test_capture_matches_manual_forward():
@@ -86,8 +86,10 @@ def test_relu_rules_by_hand():
         "deconvnet": (R > 0) * R,
         "guided": (f > 0) * (R > 0) * R,
     }
+    rules = {"backprop": lambda f_positive, R: f_positive * R, "deconvnet": attribution.deconvnet_relu,
+             "guided": attribution.guided_relu}
     for rule, relu_grad in by_hand.items():
-        got = _grad_with_rule(net, x, rule)
+        got = _grad_with_rule(net, x, rules[rule])
         assert torch.allclose(got, relu_grad @ lin1.weight.detach(), atol=1e-6), rule
 
 
@@ -96,7 +98,7 @@ def test_backprop_rule_equals_autograd():
     x = torch.rand(2, 3, 8, 8)
     plain = x.clone().requires_grad_(True)
     net(plain)[:, 0].sum().backward()
-    assert torch.allclose(_grad_with_rule(net, x, "backprop"), plain.grad, atol=1e-6)
+    assert torch.allclose(_grad_with_rule(net, x, lambda f_positive, R: f_positive * R), plain.grad, atol=1e-6)
 
 
 def test_relu_rule_restored_and_forward_unchanged():
@@ -106,14 +108,14 @@ def test_relu_rule_restored_and_forward_unchanged():
     with torch.no_grad():
         y0 = net(x)
     with pytest.raises(RuntimeError):
-        with hooks.relu_backward(net, "guided"):
+        with hooks.relu_backward(net, attribution.guided_relu):
             with torch.no_grad():
                 assert torch.equal(net(x), y0)
             raise RuntimeError
     assert model_state(net)["forwards"] == before["forwards"]
     assert all("forward" not in m.__dict__ for m in net.modules())
-    with pytest.raises(ValueError, match="guided"):
-        with hooks.relu_backward(net, "gided"):
+    with pytest.raises(TypeError, match="expected rule to be a function"):
+        with hooks.relu_backward(net, "guided"):
             pass
 
 
