@@ -33,7 +33,6 @@ Notebooks: 08_gradient_ascent, 09_deepdream, 10_feature_inversion
 """
 from __future__ import annotations
 
-import math
 import numbers
 from contextlib import contextmanager
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -43,12 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import check_images, check_targets
-from .hooks import OUTPUT as _OUTPUT, forward_to, model_device, preserved, resolve_layer
+from .data import (Target, check_channel, check_images, check_model, check_nonnegative, check_positive_int,
+                   check_targets, gaussian_blur)
+from .hooks import OUTPUT as _OUTPUT, Layer, forward_to, model_device, preserved, progress_bar, renamed, resolve_layer
 
 __all__ = [
     "Objective", "class_score", "class_logprob", "channel", "neuron", "layer_norm", "total_variation", "l2", "alpha_norm",
-    "ascent_step", "dream_step", "inversion_loss", "class_visualization", "deep_dream", "invert",
+    "evaluator", "ascent_step", "dream_step", "inversion_loss", "class_visualization", "deep_dream", "invert",
     "Inversion", "GREY",
 ]
 
@@ -115,95 +115,100 @@ class Objective:
         return self * (1.0 / k)
 
 
-def _indices(k, name: str):
+def _indices(index, name: str):
     """An int (same for every image) or a sequence (one per image) -> (LongTensor or int, n)."""
-    if isinstance(k, bool):
+    if isinstance(index, bool):
         raise TypeError(f"expected an integer {name}, got a bool")
-    if isinstance(k, (int, np.integer)):
-        return int(k), None
-    k = torch.as_tensor(k)
-    if k.dim() != 1 or k.is_floating_point() or len(k) == 0:
-        raise TypeError(f"expected an integer {name} or a non-empty 1-D sequence of them, got {k!r}")
-    return k.long(), len(k)
+    if isinstance(index, (int, np.integer)):
+        return int(index), None
+    index = torch.as_tensor(index)
+    if index.dim() != 1 or index.is_floating_point() or len(index) == 0:
+        raise TypeError(f"expected an integer {name} or a non-empty 1-D sequence of them, got {index!r}")
+    return index.long(), len(index)
 
 
-def _pick(A: torch.Tensor, k) -> torch.Tensor:
-    """A[:, k] for an int k, A[i, k_i] for a LongTensor k; (N, ...) either way."""
-    if isinstance(k, int):
-        return A[:, k]
-    return A[torch.arange(len(A), device=A.device), k.to(A.device)]
+def _select(A: torch.Tensor, index) -> torch.Tensor:
+    """A[:, index] for an int, A[i, index_i] for a LongTensor (one per image); (N, ...) either way."""
+    if isinstance(index, int):
+        return A[:, index]
+    return A[torch.arange(len(A), device=A.device), index.to(A.device)]
 
 
-def class_score(c) -> Objective:
-    """The raw class score S_c (before softmax), as in Simonyan et al. 2014: ``(N,)``.
+@renamed(c="target")
+def class_score(target: Target | Sequence[int]) -> Objective:
+    """The raw class score S_target (before softmax), as in Simonyan et al. 2014: ``(N,)``.
 
-    ``c``: a class index, or one per image (then the batch has ``len(c)`` images).
+    ``target``: a class index, or one per image (then the batch has ``len(target)`` images).
     """
-    k, n = _indices(c, "class index")
+    k, n = _indices(target, "class index")
 
     def fn(x, acts):
         S = acts[_OUTPUT]  # (N, n_classes)
         if S.dim() != 2:
             raise ValueError(f"expected the model to output class scores (N, n_classes), got {tuple(S.shape)}")
         check_targets(k, len(S), S.shape[1])  # a class out of range fails here, by name
-        return _pick(S, k)
+        return _select(S, k)
 
-    return Objective(fn, [_OUTPUT], f"class_score({c})", n)
+    return Objective(fn, [_OUTPUT], f"class_score({target})", n)
 
 
-def class_logprob(c) -> Objective:
+@renamed(c="target")
+def class_logprob(target: Target | Sequence[int]) -> Objective:
     """log p_c = S_c - log sum_j exp S_j: the class score relative to the others, (N,).
 
     Ascending S_c alone can raise another class's score faster; log p_c cannot (the softmax
     objective that Simonyan et al. 2014 avoid for the opposite reason: it can rise by lowering
     the other scores).
     """
-    k, n = _indices(c, "class index")
+    k, n = _indices(target, "class index")
 
     def fn(x, acts):
         S = acts[_OUTPUT]  # (N, n_classes)
         check_targets(k, len(S), S.shape[1])
-        return _pick(S.log_softmax(1), k)
+        return _select(S.log_softmax(1), k)
 
-    return Objective(fn, [_OUTPUT], f"class_logprob({c})", n)
-
-
-def _channel_index_check(A: torch.Tensor, layer: str, k) -> None:
-    kmax = k if isinstance(k, int) else int(k.max())
-    kmin = k if isinstance(k, int) else int(k.min())
-    if A.dim() < 2 or kmin < 0 or kmax >= A.shape[1]:
-        raise ValueError(f"expected a channel index in [0, {A.shape[1] if A.dim() >= 2 else 0}) for layer "
-                         f"{layer!r} of shape {tuple(A.shape)}, got {k if isinstance(k, int) else k.tolist()}")
+    return Objective(fn, [_OUTPUT], f"class_logprob({target})", n)
 
 
-def channel(layer: str, k) -> Objective:
-    """Mean activation of channel ``k`` of ``layer`` over its positions: ``A[:, k].mean((h, w))``, (N,)."""
-    idx, n = _indices(k, "channel")
+def _check_channel(A: torch.Tensor, layer: str, index) -> None:
+    if A.dim() < 2:
+        raise ValueError(f"expected channels (N, C, ...) at layer {layer!r}, got {tuple(A.shape)}")
+    check_channel(index, A.shape[1], layer)
+
+
+@renamed(k="channel")
+def channel(layer: str, channel: int | Sequence[int]) -> Objective:
+    """Mean activation of one channel of ``layer`` over its positions: ``A[:, channel].mean((h, w))``, (N,).
+
+    ``channel``: an index, or one per image (then the batch has ``len(channel)`` images).
+    """
+    idx, n = _indices(channel, "channel")
 
     def fn(x, acts):
         A = acts[layer]  # (N, C, h, w)
-        _channel_index_check(A, layer, idx)
-        return _pick(A, idx).flatten(1).mean(1)
+        _check_channel(A, layer, idx)
+        return _select(A, idx).flatten(1).mean(1)
 
-    return Objective(fn, [layer], f"channel({layer!r}, {k})", n)
+    return Objective(fn, [layer], f"channel({layer!r}, {channel})", n)
 
 
-def neuron(layer: str, k, y: int | None = None, x: int | None = None) -> Objective:
-    """One neuron: ``A[:, k, y, x]`` of ``layer`` (the centre position by default), (N,)."""
-    idx, n = _indices(k, "channel")
+@renamed(k="channel")
+def neuron(layer: str, channel: int | Sequence[int], position: tuple[int, int] | None = None) -> Objective:
+    """One neuron: ``A[:, channel, y, x]`` of ``layer`` at ``position=(y, x)`` (default: the centre), (N,)."""
+    idx, n = _indices(channel, "channel")
 
     def fn(img, acts):
         A = acts[layer]  # (N, C, h, w)
-        _channel_index_check(A, layer, idx)
+        _check_channel(A, layer, idx)
         if A.dim() != 4:
             raise ValueError(f"neuron() needs feature maps (N, C, h, w) at {layer!r}, got {tuple(A.shape)}")
         h, w = A.shape[-2:]
-        yy, xx = (h // 2 if y is None else y), (w // 2 if x is None else x)
-        if not (0 <= yy < h and 0 <= xx < w):
-            raise ValueError(f"expected a position inside the {h}x{w} maps of {layer!r}, got (y, x) = ({yy}, {xx})")
-        return _pick(A, idx)[:, yy, xx]
+        y, x = (h // 2, w // 2) if position is None else position
+        if not (0 <= y < h and 0 <= x < w):
+            raise ValueError(f"expected a position inside the {h}x{w} maps of {layer!r}, got (y, x) = ({y}, {x})")
+        return _select(A, idx)[:, y, x]
 
-    return Objective(fn, [layer], f"neuron({layer!r}, {k}, {y}, {x})", n)
+    return Objective(fn, [layer], f"neuron({layer!r}, {channel}, {position})", n)
 
 
 def layer_norm(layer: str) -> Objective:
@@ -251,9 +256,6 @@ def l2() -> Objective:
     return Objective(lambda x, acts: (x - GREY).pow(2).flatten(1).sum(1), [], "l2")
 
 
-_l2_prior = l2  # the functions below take an argument named l2 (the prior's weight)
-
-
 def alpha_norm(alpha: float = 6.0) -> Objective:
     """Mahendran and Vedaldi's alpha-norm prior R_alpha = sum |x - 0.5|^alpha per image, (N,)."""
     return Objective(lambda x, acts: (x - GREY).abs().pow(alpha).flatten(1).sum(1), [], f"alpha_norm({alpha})")
@@ -265,8 +267,16 @@ def alpha_norm(alpha: float = 6.0) -> Objective:
 
 
 @contextmanager
-def _evaluator(model: nn.Module, objective: Objective) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """Yields ``evaluate(x) -> objective values (N,)``, hooks set once for the whole optimisation."""
+def evaluator(model: nn.Module, objective: Objective) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """Evaluate an objective: yields ``evaluate(x) -> objective values (N,)``, differentiable in x.
+
+    The hooks are set once for the whole block (an optimisation calls ``evaluate`` every step), and
+    the forward pass stops after the deepest layer the objective reads. Use it inside
+    ``lecturekit.hooks.preserved(model)`` to leave the model as found::
+
+        with preserved(model), evaluator(model, channel("features.6", 3)) as evaluate:
+            values = evaluate(x)  # (N,)
+    """
     layers = [name for name in objective.layers if name != _OUTPUT]
     # detach=False: the ascent differentiates through the activations. Without the output, the
     # forward pass stops after the deepest layer the objective reads.
@@ -280,23 +290,6 @@ def _evaluator(model: nn.Module, objective: Objective) -> Iterator[Callable[[tor
             return values
 
         yield evaluate
-
-
-def _check_model(model) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module as model, got {type(model).__name__}")
-
-
-def _check_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"expected steps to be a positive integer, got {steps!r}")
-    return int(steps)
-
-
-def _progress(steps: int, progress: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(range(steps), desc=desc, disable=not progress, leave=False)
 
 
 def _jitter(x: torch.Tensor, jitter: int, gen: torch.Generator | None) -> tuple[int, int]:
@@ -325,39 +318,40 @@ def _ascent_grad(evaluate, x: torch.Tensor, shift=(0, 0)) -> tuple[torch.Tensor,
     return g, values.detach()
 
 
-def ascent_step(model: nn.Module, x: torch.Tensor, target, lr: float = 0.05, l2: float = 0.0,
-                blur_sigma: float = 0.0) -> torch.Tensor:
-    """One step of gradient ascent on I* = argmax S_c(I) - l2 ||I||^2, then an optional Gaussian blur.
+def _ascent_update(evaluate, x: torch.Tensor, lr: float, l2_weight: float, blur_sigma: float = 0.0,
+                   shift=(0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step of :func:`ascent_step` with the objective's hooks already set: (new x, gradient g)."""
+    g, _ = _ascent_grad(evaluate, x, shift)  # d objective / dx, the model seeing x rolled by shift
+    if l2_weight:
+        g = g - 2 * l2_weight * (x - GREY)  # d/dx of -l2_weight ||x - 0.5||^2, written out
+    x = (x + lr * _normalised(g)).clamp(0, 1)
+    if blur_sigma > 0:
+        x = gaussian_blur(x, blur_sigma)
+    return x.detach(), g
 
-        g = d/dx [S_c(x) - l2 * ||x - 0.5||^2]        x <- clamp(x + lr * g / mean|g|, 0, 1)
-        x <- gaussian_blur(x, sigma)                   (if blur_sigma > 0, Yosinski et al. 2015)
+
+@renamed(l2="l2_weight")
+def ascent_step(model: nn.Module, x: torch.Tensor, target: Target, lr: float = 0.05, l2_weight: float = 0.0,
+                blur_sigma: float = 0.0) -> torch.Tensor:
+    """One step of gradient ascent on I* = argmax S_c(I) - l2_weight ||I||^2, then an optional Gaussian blur.
+
+        g = d/dx [S_c(x) - l2_weight * ||x - 0.5||^2]     x <- clamp(x + lr * g / mean|g|, 0, 1)
+        x <- gaussian_blur(x, sigma)                       (if blur_sigma > 0, Yosinski et al. 2015)
 
     x: (N, 3, H, W) in [0, 1]; target: a class index or LongTensor (N,); the step is normalised per
     image (lr = mean change of a pixel). Returns the new image, detached, (N, 3, H, W) in [0, 1].
+    :func:`class_visualization` repeats this step (with jitter and clipping priors between steps).
     Notebook: 08_gradient_ascent
     """
-    _check_model(model)
+    check_model(model)
     x = check_images(x)
     objective = class_score(check_targets(target, len(x)))
-    if l2:
-        objective = objective - l2 * _l2_prior()
-    with preserved(model), _evaluator(model, objective) as evaluate:
-        g, _ = _ascent_grad(evaluate, x)
-    x = (x + lr * _normalised(g)).clamp(0, 1)
-    if blur_sigma > 0:
-        x = _blur(x, blur_sigma)
-    return x.detach()
+    with preserved(model), evaluator(model, objective) as evaluate:
+        x, _ = _ascent_update(evaluate, x, lr, l2_weight, blur_sigma)
+    return x
 
 
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    from torchvision.transforms.functional import gaussian_blur
-
-    k = 2 * math.ceil(3 * sigma) + 1  # the kernel covers +-3 sigma
-    k = min(k, 2 * ((min(x.shape[-2:]) - 1) // 2) + 1)  # and fits inside the image (reflect padding)
-    return gaussian_blur(x, [k, k], [sigma, sigma])
-
-
-def dream_step(model: nn.Module, x: torch.Tensor, layer, lr: float = 0.01, jitter: int = 0,
+def dream_step(model: nn.Module, x: torch.Tensor, layer: Layer, lr: float = 0.01, jitter: int = 0,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """One DeepDream step (Mordvintsev et al. 2015): ascend 0.5 ||A||^2 at ``layer``.
 
@@ -366,10 +360,10 @@ def dream_step(model: nn.Module, x: torch.Tensor, layer, lr: float = 0.01, jitte
 
     x: (N, 3, H, W) in [0, 1]. Returns the new image, detached, same shape. Notebook: 09_deepdream
     """
-    _check_model(model)
+    check_model(model)
     x = check_images(x)
     name, _ = resolve_layer(model, layer)
-    with preserved(model), _evaluator(model, layer_norm(name)) as evaluate:
+    with preserved(model), evaluator(model, layer_norm(name)) as evaluate:
         return _dream_step(evaluate, x, lr, jitter, generator)
 
 
@@ -443,56 +437,89 @@ def _percentile_clip(x: torch.Tensor, score: torch.Tensor, pct: float) -> torch.
     return torch.where(keep, x, torch.full_like(x, GREY))
 
 
-def class_visualization(model: nn.Module, target=None, *, steps: int = 200, lr: float = 0.02,
-                        l2: float = 0.0, jitter: int = 0, blur_every: int = 0, blur_sigma: float = 0.5,
+def _pixel_ascent(evaluate, x: torch.Tensor, steps: int, lr: float, l2_weight: float, jitter: int,
+                  blur_every: int, blur_sigma: float, clip_value: float, clip_contribution: float,
+                  gen: torch.Generator, progress: bool) -> torch.Tensor:
+    """Projected gradient ascent on the pixels: :func:`ascent_step` repeated, priors between steps."""
+    for step in progress_bar(range(steps), progress, desc="class visualization"):
+        shift = _jitter(x, jitter, gen)
+        blur = blur_sigma if blur_every and (step + 1) % blur_every == 0 else 0.0
+        x_new, g = _ascent_update(evaluate, x, lr, l2_weight, blur, shift)
+        if clip_value:
+            x_new = _percentile_clip(x_new, (x_new - GREY).norm(dim=1), clip_value)
+        if clip_contribution:
+            # First-order drop of the objective if the pixel were set to grey (Yosinski et al. 2015).
+            x_new = _percentile_clip(x_new, ((x_new - GREY) * g).sum(1).abs(), clip_contribution)
+        x = x_new
+    return x.detach()
+
+
+def _fourier_ascent(evaluate, n: int, size: int, steps: int, lr: float, jitter: int,
+                    gen: torch.Generator, device, progress: bool) -> torch.Tensor:
+    """Adam on a 1/f-scaled, colour-decorrelated spectrum mapped through a sigmoid (Olah et al. 2017)."""
+    spectrum, render = _fourier(n, size, gen, device)
+    optimizer = torch.optim.Adam([spectrum], lr=lr)
+    for _ in progress_bar(range(steps), progress, desc="class visualization (fourier)"):
+        optimizer.zero_grad()
+        image = render()  # (N, 3, S, S) in (0, 1)
+        shift = _jitter(image, jitter, gen)
+        seen = torch.roll(image, shifts=shift, dims=(-1, -2)) if shift != (0, 0) else image
+        (-evaluate(seen).sum()).backward()  # maximise: descend on the negative
+        optimizer.step()
+    with torch.no_grad():
+        return render().detach()
+
+
+@renamed(l2="l2_weight")
+def class_visualization(model: nn.Module, target: Target | None = None, *, steps: int = 200, lr: float = 0.02,
+                        l2_weight: float = 0.0, jitter: int = 0, blur_every: int = 0, blur_sigma: float = 0.5,
                         clip_value: float = 0.0, clip_contribution: float = 0.0, start: str = "zeros",
                         seed: int = 0, size: int | None = None, param: str = "pixel",
                         objective: Objective | None = None, progress: bool = True) -> torch.Tensor:
-    """Gradient ascent on the image: I* = argmax_I S_c(I) - l2 ||I||^2 (Simonyan et al. 2014), with the
-    priors of Yosinski et al. 2015 switchable one at a time.
+    """Gradient ascent on the image: I* = argmax_I S_c(I) - l2_weight ||I||^2 (Simonyan et al. 2014), with
+    the priors of Yosinski et al. 2015 switchable one at a time.
 
     target: a class index or one per image (LongTensor (N,)); or pass ``objective=`` (e.g.
     ``channel("features.6", 3)`` or ``neuron(...)``) to visualise an intermediate unit instead.
     Priors (all off by default, so each can be switched on alone):
 
-    * ``l2``: the L2 penalty lambda ||I||^2 of the centred image I = x - 0.5 (decays towards grey);
+    * ``l2_weight``: the L2 penalty lambda ||I||^2 of the centred image I = x - 0.5 (decays towards grey);
     * ``jitter``: the model sees the image rolled by a random shift of up to ``jitter`` pixels;
     * ``blur_every``: every so many steps, Gaussian-blur the image with ``blur_sigma`` (pixels);
     * ``clip_value``: after each step, set to grey the pixels whose norm |I| (over colours) is in the
       lowest ``clip_value`` percent;
     * ``clip_contribution``: the same for pixels whose contribution |sum_c I * dS/dI| is small.
 
-    Pixel parameterisation: normalised gradient ascent on the image, clamped to [0, 1] after each step.
-    ``param="fourier"``: Adam on a 1/f-scaled, colour-decorrelated spectrum mapped through a sigmoid
-    (Olah et al. 2017), from a small seeded random spectrum (``start`` is then unused); blur and
-    clipping act on pixels and are then not available; try ``lr=0.05``.
+    Pixel parameterisation: :func:`ascent_step` repeated (normalised gradient ascent on the image,
+    clamped to [0, 1] after each step). ``param="fourier"``: Adam on a 1/f-scaled,
+    colour-decorrelated spectrum mapped through a sigmoid (Olah et al. 2017), from a small seeded
+    random spectrum (``start`` is then unused); blur and clipping act on pixels and are then not
+    available; try ``lr=0.05``.
     ``start``: ``"zeros"`` (grey, the papers' zero image) or ``"noise"`` (seeded). ``size``: the side
     of the square image (default: ``model.input_size`` or 64). Returns (N, 3, size, size) in [0, 1].
     Notebook: 08_gradient_ascent
     """
-    _check_model(model)
-    steps = _check_steps(steps)
+    check_model(model)
+    steps = check_positive_int(steps, "steps")
     if start not in ("zeros", "noise"):
         raise ValueError(f"expected start='zeros' or 'noise', got {start!r}")
     if param not in ("pixel", "fourier"):
         raise ValueError(f"expected param='pixel' or 'fourier', got {param!r}")
-    for name, value in dict(lr=lr, l2=l2, jitter=jitter, blur_every=blur_every, blur_sigma=blur_sigma).items():
-        if not isinstance(value, numbers.Number) or value < 0 or (isinstance(value, float) and math.isnan(value)):
-            raise ValueError(f"expected {name} to be a number >= 0, got {value!r}")
+    for name, value in dict(lr=lr, l2_weight=l2_weight, jitter=jitter, blur_every=blur_every,
+                            blur_sigma=blur_sigma).items():
+        check_nonnegative(value, name)
     for name, value in dict(clip_value=clip_value, clip_contribution=clip_contribution).items():
         if not 0 <= value < 100:
             raise ValueError(f"expected {name} to be a percentile in [0, 100), got {value!r}")
     if param == "fourier" and (blur_every or clip_value or clip_contribution):
         raise ValueError("blur_every, clip_value and clip_contribution act on pixels: use them with "
-                         "param='pixel' (with param='fourier', use l2, jitter or a total_variation() objective)")
+                         "param='pixel' (with param='fourier', use l2_weight, jitter or a total_variation() objective)")
     if (target is None) == (objective is None):
         raise ValueError("expected either a class target or an objective= (not both, not neither)")
     if objective is None:
         objective = class_score(target)
     elif not isinstance(objective, Objective):
         raise TypeError(f"expected objective to be a lecturekit.synthesis.Objective, got {type(objective).__name__}")
-    if l2 and param == "fourier":
-        objective = objective - l2 * _l2_prior()  # pixels are derived: through autograd
     size = int(size or getattr(model, "input_size", 64))
     if size < 8:
         raise ValueError(f"expected an image size of at least 8 pixels, got {size}")
@@ -500,38 +527,19 @@ def class_visualization(model: nn.Module, target=None, *, steps: int = 200, lr: 
     device = model_device(model)
     gen = torch.Generator().manual_seed(seed)
 
-    with preserved(model), _evaluator(model, objective) as evaluate:
+    with preserved(model):
         if param == "fourier":
-            spectrum, render = _fourier(n, size, gen, device)
-            optimizer = torch.optim.Adam([spectrum], lr=lr)
-            for _ in _progress(steps, progress, "class visualization (fourier)"):
-                optimizer.zero_grad()
-                image = render()
-                shift = _jitter(image, int(jitter), gen)
-                seen = torch.roll(image, shifts=shift, dims=(-1, -2)) if shift != (0, 0) else image
-                (-evaluate(seen).sum()).backward()
-                optimizer.step()
-            with torch.no_grad():
-                return render().detach()
-
+            if l2_weight:
+                objective = objective - l2_weight * l2()  # pixels are derived: through autograd
+            with evaluator(model, objective) as evaluate:
+                return _fourier_ascent(evaluate, n, size, steps, lr, int(jitter), gen, device, progress)
         if start == "zeros":
             x = torch.full((n, 3, size, size), GREY, device=device)
         else:
             x = (GREY + 0.1 * torch.randn(n, 3, size, size, generator=gen)).clamp(0, 1).to(device)
-        for step in _progress(steps, progress, "class visualization"):
-            shift = _jitter(x, int(jitter), gen)
-            g, _ = _ascent_grad(evaluate, x, shift)
-            if l2:
-                g = g - 2 * l2 * (x - GREY)  # d/dx of -l2 ||x - 0.5||^2, written out (cheaper than autograd)
-            x = (x + lr * _normalised(g)).clamp(0, 1)
-            if blur_every and (step + 1) % blur_every == 0 and blur_sigma > 0:
-                x = _blur(x, blur_sigma)
-            if clip_value:
-                x = _percentile_clip(x, (x - GREY).norm(dim=1), clip_value)
-            if clip_contribution:
-                # First-order drop of the objective if the pixel were set to grey (Yosinski et al. 2015).
-                x = _percentile_clip(x, ((x - GREY) * g).sum(1).abs(), clip_contribution)
-        return x.detach()
+        with evaluator(model, objective) as evaluate:
+            return _pixel_ascent(evaluate, x, steps, lr, l2_weight, int(jitter), int(blur_every), blur_sigma,
+                                 clip_value, clip_contribution, gen, progress)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -539,7 +547,7 @@ def class_visualization(model: nn.Module, target=None, *, steps: int = 200, lr: 
 # ---------------------------------------------------------------------------------------------------
 
 
-def deep_dream(model: nn.Module, x: torch.Tensor, layer, *, steps: int = 10, lr: float = 0.01,
+def deep_dream(model: nn.Module, x: torch.Tensor, layer: Layer, *, steps: int = 10, lr: float = 0.01,
                octaves: int = 3, octave_scale: float = 1.4, jitter: int = 16, seed: int = 0,
                progress: bool = True) -> torch.Tensor:
     """DeepDream (Mordvintsev, Olah and Tyka 2015): amplify what ``layer`` already sees in ``x``.
@@ -550,12 +558,11 @@ def deep_dream(model: nn.Module, x: torch.Tensor, layer, *, steps: int = 10, lr:
     notebook. x: (N, 3, H, W) in [0, 1]; returns the dreamed image, same shape, in [0, 1].
     Notebook: 09_deepdream
     """
-    _check_model(model)
+    check_model(model)
     x = check_images(x)
-    steps = _check_steps(steps)
+    steps = check_positive_int(steps, "steps")
     name, _ = resolve_layer(model, layer)
-    if isinstance(octaves, bool) or not isinstance(octaves, (int, np.integer)) or octaves < 1:
-        raise ValueError(f"expected octaves to be a positive integer, got {octaves!r}")
+    octaves = check_positive_int(octaves, "octaves")
     if not octave_scale > 1:
         raise ValueError(f"expected octave_scale > 1, got {octave_scale!r}")
     x = x.detach().to(model_device(model))
@@ -565,17 +572,15 @@ def deep_dream(model: nn.Module, x: torch.Tensor, layer, *, steps: int = 10, lr:
              if s != (H, W) else x for s in sizes]
     gen = torch.Generator().manual_seed(seed)
     detail = torch.zeros_like(bases[0])
-    with preserved(model), _evaluator(model, layer_norm(name)) as evaluate:
-        bar = _progress(steps * octaves, progress, "deep dream")
-        it = iter(bar)
-        for base in bases:
-            detail = F.interpolate(detail, size=base.shape[-2:], mode="bilinear", align_corners=False)
-            image = (base + detail).clamp(0, 1)
-            for _ in range(steps):
-                next(it, None)
-                image = _dream_step(evaluate, image, lr, int(jitter), gen)
-            detail = image - base
-        bar.close()
+    with preserved(model), evaluator(model, layer_norm(name)) as evaluate:
+        for i in progress_bar(range(steps * octaves), progress, desc="deep dream"):
+            base = bases[i // steps]
+            if i % steps == 0:  # a new octave: carry the detail added so far up to its size
+                detail = F.interpolate(detail, size=base.shape[-2:], mode="bilinear", align_corners=False)
+                image = (base + detail).clamp(0, 1)
+            image = _dream_step(evaluate, image, lr, int(jitter), gen)
+            if i % steps == steps - 1:
+                detail = image - base
     return image.detach()
 
 
@@ -587,7 +592,7 @@ class Inversion(NamedTuple):
     feature_error: torch.Tensor
 
 
-def invert(model: nn.Module, x: torch.Tensor, layer, *, steps: int = 200, lr: float = 0.05,
+def invert(model: nn.Module, x: torch.Tensor, layer: Layer, *, steps: int = 200, lr: float = 0.05,
            tv_weight: float = 0.01, alpha_weight: float = 0.0, alpha: float = 6.0, beta: float = 2.0,
            seed: int = 0, progress: bool = True) -> Inversion:
     """Feature inversion (Mahendran and Vedaldi 2015): the image whose features at ``layer`` match x's.
@@ -600,13 +605,12 @@ def invert(model: nn.Module, x: torch.Tensor, layer, *, steps: int = 200, lr: fl
     feature error ||Phi(x*) - Phi0|| / ||Phi0|| (N,) (not squared).
     Notebook: 10_feature_inversion
     """
-    _check_model(model)
+    check_model(model)
     x = check_images(x)
-    steps = _check_steps(steps)
+    steps = check_positive_int(steps, "steps")
     name, _ = resolve_layer(model, layer)
     for key, value in dict(lr=lr, tv_weight=tv_weight, alpha_weight=alpha_weight).items():
-        if not isinstance(value, numbers.Number) or value < 0:
-            raise ValueError(f"expected {key} to be a number >= 0, got {value!r}")
+        check_nonnegative(value, key)
     if alpha < 1 or beta <= 0:
         raise ValueError(f"expected alpha >= 1 and beta > 0, got alpha={alpha}, beta={beta}")
     x = x.detach().to(model_device(model))
@@ -616,7 +620,7 @@ def invert(model: nn.Module, x: torch.Tensor, layer, *, steps: int = 200, lr: fl
             target = run(x)[name].detach().clone()  # Phi0 (N, ...)
         image = (GREY + 0.1 * torch.randn(x.shape, generator=gen)).clamp(0, 1).to(x.device).requires_grad_(True)
         optimizer = torch.optim.Adam([image], lr=lr)
-        for _ in _progress(steps, progress, "feature inversion"):
+        for _ in progress_bar(range(steps), progress, desc="feature inversion"):
             optimizer.zero_grad()
             loss = inversion_loss(run(image)[name], target, image, tv_weight, alpha_weight, alpha, beta)
             loss.sum().backward()

@@ -5,14 +5,26 @@ wires sliders to it and redraws. Works with ipywidgets 7.7 (Colab) and 8.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from .hooks import renamed
+
+if TYPE_CHECKING:  # type aliases only: the widgets import their lecture modules on first use
+    import torch
+    from torch import nn
+
+    from .data import Target
+    from .hooks import Layer
+
 # ---- What the network learned (notebook 03): layer/channel explorer -----------------------------
 
-def feature_explorer(model, images, layers=None, layer=None, channel: int = 0, index: int = 0, k: int = 8,
-                     batch_size: int = 256):
+@renamed(images="x")
+def feature_explorer(model: nn.Module, x: torch.Tensor, layers: list[Layer] | None = None, layer: Layer | None = None,
+                     channel: int = 0, index: int = 0, k: int = 8, batch_size: int = 256):
     """Layer dropdown, channel and image sliders over :func:`lecturekit.features.feature_view`.
 
     Shows one image's activation maps at the chosen layer and the channel's top-``k`` patches over
-    ``images`` (N, 3, H, W); everything is recomputed when a control changes. ``layers``: the names
+    ``x`` (N, 3, H, W); everything is recomputed when a control changes. ``layers``: the names
     offered (default: every Conv2d and ReLU with a local receptive field). The picture is a PNG in an
     ``ipywidgets.Image`` (works headless and in ipywidgets 7.7 and 8). Returns a VBox; ``box.controls``
     holds (layer, channel, index) and ``box.state["view"]`` the last FeatureView, for tests and live-coding.
@@ -36,18 +48,18 @@ def feature_explorer(model, images, layers=None, layer=None, channel: int = 0, i
         raise ValueError(f"expected layer to be one of the layers offered {layers}, got {layer!r}")
 
     def n_channels(name):
-        return _features.activations(model, images[:1], name).shape[1]
+        return _features.activations(model, x[:1], name).shape[1]
 
     layer_box = widgets.Dropdown(options=layers, value=layer, description="layer")
     channel_slider = widgets.IntSlider(value=channel, min=0, max=n_channels(layer) - 1, description="channel",
                                        continuous_update=False)
-    index_slider = widgets.IntSlider(value=index, min=0, max=len(images) - 1, description="image",
+    index_slider = widgets.IntSlider(value=index, min=0, max=len(x) - 1, description="image",
                                      continuous_update=False)
     picture = widgets.Image(format="png")
     state: dict = {}
 
     def redraw(_change=None):
-        view = _features.feature_view(model, images, layer_box.value, channel_slider.value,
+        view = _features.feature_view(model, x, layer_box.value, channel_slider.value,
                                       index=index_slider.value, k=k, batch_size=batch_size)
         fig = _features.show_feature_view(view)
         buffer = io.BytesIO()
@@ -81,7 +93,7 @@ def feature_explorer(model, images, layers=None, layer=None, channel: int = 0, i
 
 # ---- Which pixels matter (notebook 04): occlusion explorer --------------------------------------
 
-def occlusion_view(model, x, target, patch: int = 8, stride: int = 4, output: str = "prob"):
+def occlusion_view(model: nn.Module, x: torch.Tensor, target: Target, patch: int = 8, stride: int = 4, output: str = "prob"):
     """Pure function behind :func:`occlusion_explorer`: the occlusion map of one image, (H, W).
 
     x: (1, 3, H, W) in [0, 1]. Notebook: 04_occlusion_saliency
@@ -93,7 +105,7 @@ def occlusion_view(model, x, target, patch: int = 8, stride: int = 4, output: st
     return occlusion(model, x, target, patch=patch, stride=stride, output=output, progress=False)[0]
 
 
-def occlusion_explorer(model, x, target, patch: int = 8, stride: int = 4, output: str = "prob",
+def occlusion_explorer(model: nn.Module, x: torch.Tensor, target: Target, patch: int = 8, stride: int = 4, output: str = "prob",
                        max_patch: int | None = None):
     """Patch and stride sliders over :func:`occlusion_view`; the map is redrawn when a slider moves.
 
@@ -140,7 +152,8 @@ def occlusion_explorer(model, x, target, patch: int = 8, stride: int = 4, output
 
 # ---- Synthesizing images (notebooks 08-10): prior-strength explorer ------------------------------
 
-def prior_view(model, target: int, l2: float = 0.0, jitter: int = 0, blur_sigma: float = 0.0,
+@renamed(l2="l2_weight")
+def prior_view(model: nn.Module, target: Target, l2_weight: float = 0.0, jitter: int = 0, blur_sigma: float = 0.0,
                blur_every: int = 4, clip_value: float = 0.0, clip_contribution: float = 0.0,
                steps: int = 100, lr: float = 0.02, seed: int = 0):
     """Pure function behind :func:`prior_explorer`: one class visualisation (1, 3, S, S) in [0, 1] with
@@ -148,13 +161,13 @@ def prior_view(model, target: int, l2: float = 0.0, jitter: int = 0, blur_sigma:
     """
     from .synthesis import class_visualization
 
-    return class_visualization(model, int(target), steps=steps, lr=lr, l2=l2, jitter=int(jitter),
+    return class_visualization(model, int(target), steps=steps, lr=lr, l2_weight=l2_weight, jitter=int(jitter),
                                blur_every=blur_every if blur_sigma > 0 else 0, blur_sigma=blur_sigma,
                                clip_value=clip_value, clip_contribution=clip_contribution, seed=seed,
                                progress=False)
 
 
-def prior_explorer(model, target: int = 0, steps: int = 100, lr: float = 0.02, seed: int = 0):
+def prior_explorer(model: nn.Module, target: Target = 0, steps: int = 100, lr: float = 0.02, seed: int = 0):
     """Sliders for the strengths of the priors of Yosinski et al. 2015 over :func:`prior_view`; the class
     visualisation is recomputed when a slider is released. Returns an ``ipywidgets.VBox``;
     ``box.sliders`` maps prior names to sliders, ``box.state`` holds the last settings and image.
@@ -172,8 +185,8 @@ def prior_explorer(model, target: int = 0, steps: int = 100, lr: float = 0.02, s
     sliders = {
         "target": widgets.Dropdown(options=[(n, i) for i, n in enumerate(class_names(model))] if names
                                    else list(range(10)), value=target, description="class"),
-        "l2": widgets.FloatLogSlider(value=1e-4, base=10, min=-5, max=-1, description="L2 (log)", **make),
-        "l2_on": widgets.Checkbox(value=False, description="L2 on"),
+        "l2_weight": widgets.FloatLogSlider(value=1e-4, base=10, min=-5, max=-1, description="L2 (log)", **make),
+        "l2_weight_on": widgets.Checkbox(value=False, description="L2 on"),
         "jitter": widgets.IntSlider(value=0, min=0, max=8, description="jitter (px)", **make),
         "blur_sigma": widgets.FloatSlider(value=0.0, min=0.0, max=1.5, step=0.1, description="blur sigma", **make),
         "clip_value": widgets.FloatSlider(value=0.0, min=0.0, max=60, step=5, description="clip norm %", **make),
@@ -183,7 +196,7 @@ def prior_explorer(model, target: int = 0, steps: int = 100, lr: float = 0.02, s
     state: dict = {}
 
     def redraw(_change=None):
-        settings = dict(l2=sliders["l2"].value if sliders["l2_on"].value else 0.0, jitter=sliders["jitter"].value,
+        settings = dict(l2_weight=sliders["l2_weight"].value if sliders["l2_weight_on"].value else 0.0, jitter=sliders["jitter"].value,
                         blur_sigma=sliders["blur_sigma"].value, clip_value=sliders["clip_value"].value,
                         clip_contribution=sliders["clip_contribution"].value)
         image = prior_view(model, sliders["target"].value, steps=steps, lr=lr, seed=seed, **settings)

@@ -16,7 +16,7 @@ def untrained():
 
 
 def _values(net, objective, x):
-    with preserved(net), S._evaluator(net, objective) as evaluate:
+    with preserved(net), S.evaluator(net, objective) as evaluate:
         return evaluate(x)
 
 
@@ -27,7 +27,7 @@ OBJECTIVES = {
     "class_score per image": lambda: S.class_score([0, 2]),
     "class_logprob": lambda: S.class_logprob(2),
     "channel": lambda: S.channel("3", 2),
-    "neuron": lambda: S.neuron("3", 1, y=1, x=2),
+    "neuron": lambda: S.neuron("3", 1, position=(1, 2)),
     "layer_norm after in-place ReLU": lambda: S.layer_norm("1"),
     "total_variation beta 2": lambda: S.total_variation(),
     "total_variation beta 1.5": lambda: S.total_variation(beta=1.5),
@@ -42,7 +42,7 @@ def test_objective_gradient_matches_finite_differences(name):
     net = tiny_net().double()
     objective = OBJECTIVES[name]()
     x = torch.rand(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    with preserved(net), S._evaluator(net, objective) as evaluate:
+    with preserved(net), S.evaluator(net, objective) as evaluate:
         values = evaluate(x)
         assert values.shape == (2,)
         assert torch.autograd.gradcheck(evaluate, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
@@ -104,7 +104,7 @@ def test_ascent_step_is_the_normalised_l2_step_then_blur(untrained):
     from torchvision.transforms.functional import gaussian_blur
 
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    y = S.ascent_step(untrained, x, 3, lr=0.02, l2=0.01, blur_sigma=0.5)
+    y = S.ascent_step(untrained, x, 3, lr=0.02, l2_weight=0.01, blur_sigma=0.5)
     xr = x.clone().requires_grad_(True)
     objective = untrained(xr)[:, 3] - 0.01 * ((xr - 0.5) ** 2).sum((1, 2, 3))
     (g,) = torch.autograd.grad(objective.sum(), xr)
@@ -159,7 +159,7 @@ def test_channel_visualization_improves_the_channel(untrained, param):
 def test_each_prior_runs_and_lowers_total_variation(untrained):
     kw = dict(steps=20, lr=0.05, start="noise", seed=0, size=32, progress=False)
     plain = S.total_variation(S.class_visualization(untrained, 1, **kw)).item()
-    for prior in [dict(l2=0.05), dict(jitter=3), dict(blur_every=2, blur_sigma=1.0), dict(clip_value=50),
+    for prior in [dict(l2_weight=0.05), dict(jitter=3), dict(blur_every=2, blur_sigma=1.0), dict(clip_value=50),
                   dict(clip_contribution=50)]:
         tv = S.total_variation(S.class_visualization(untrained, 1, **kw, **prior)).item()
         assert tv < plain, (prior, tv, plain)
@@ -212,12 +212,12 @@ def _odd_state_model():
 
 CALLS = {
     "class_visualization": lambda m: S.class_visualization(m, 1, steps=2, jitter=2, blur_every=1, clip_value=10,
-                                                           clip_contribution=10, l2=0.01, size=32, progress=False),
+                                                           clip_contribution=10, l2_weight=0.01, size=32, progress=False),
     "fourier": lambda m: S.class_visualization(m, objective=S.neuron("features.3", 2), steps=2, param="fourier",
                                                size=32, progress=False),
     "deep_dream": lambda m: S.deep_dream(m, torch.rand(1, 3, 32, 32), "features.4", steps=2, octaves=2, progress=False),
     "invert": lambda m: S.invert(m, torch.rand(1, 3, 32, 32), "features.6", steps=2, progress=False),
-    "ascent_step": lambda m: S.ascent_step(m, torch.rand(1, 3, 32, 32), 0, l2=0.1, blur_sigma=0.5),
+    "ascent_step": lambda m: S.ascent_step(m, torch.rand(1, 3, 32, 32), 0, l2_weight=0.1, blur_sigma=0.5),
     "dream_step": lambda m: S.dream_step(m, torch.rand(1, 3, 32, 32), "features.1", jitter=2),
     "raises: class out of range": lambda m: S.class_visualization(m, 8, steps=2, size=32, progress=False),
     "raises: channel out of range": lambda m: S.class_visualization(m, objective=S.channel("features.3", 99),
@@ -254,7 +254,7 @@ def test_model_left_as_found(name):
     (lambda m: S.class_visualization(m, 0, start="ones"), ValueError, "start="),
     (lambda m: S.class_visualization(m, 0, param="fourier", blur_every=2), ValueError, "act on pixels"),
     (lambda m: S.class_visualization(m, 0, clip_value=120), ValueError, "percentile"),
-    (lambda m: S.class_visualization(m, 0, l2=-1), ValueError, "l2 to be a number >= 0"),
+    (lambda m: S.class_visualization(m, 0, l2_weight=-1), ValueError, "l2_weight to be a number >= 0"),
     (lambda m: S.class_visualization(m, 0.5), TypeError, "integer class index"),
     (lambda m: S.class_visualization(m, objective=S.channel("features.66", 0), steps=1), ValueError, "unknown layer"),
     (lambda m: S.deep_dream(m, torch.rand(3, 32, 32), "features.3"), ValueError, r"\(N, 3, H, W\)"),
@@ -296,9 +296,9 @@ def test_every_class_visualization_reaches_its_class(course):
 def test_prior_explorer_redraws_when_a_slider_moves(untrained, monkeypatch):
     from lecturekit import widgets
 
-    image = widgets.prior_view(untrained, 2, l2=0.01, blur_sigma=0.5, steps=3)
+    image = widgets.prior_view(untrained, 2, l2_weight=0.01, blur_sigma=0.5, steps=3)
     assert image.shape == (1, 3, 64, 64)
-    assert torch.equal(image, S.class_visualization(untrained, 2, steps=3, lr=0.02, l2=0.01, blur_every=4,
+    assert torch.equal(image, S.class_visualization(untrained, 2, steps=3, lr=0.02, l2_weight=0.01, blur_every=4,
                                                     blur_sigma=0.5, progress=False))
     calls = []
     real = widgets.prior_view
@@ -307,6 +307,29 @@ def test_prior_explorer_redraws_when_a_slider_moves(untrained, monkeypatch):
     assert len(calls) == 1 and box.state["target"] == 1
     box.sliders["blur_sigma"].value = 1.0
     assert len(calls) == 2 and calls[-1]["blur_sigma"] == 1.0 and box.state["blur_sigma"] == 1.0
-    box.sliders["l2_on"].value = True
-    assert calls[-1]["l2"] == box.sliders["l2"].value > 0
+    box.sliders["l2_weight_on"].value = True
+    assert calls[-1]["l2_weight"] == box.sliders["l2_weight"].value > 0
     assert 0 <= box.state["prob"] <= 1 and box.state["image"].shape == (1, 3, 64, 64)
+
+
+def test_class_visualization_is_ascent_step_repeated(untrained):
+    """The pixel parameterisation is ascent_step in a loop (jitter and clipping off): same images."""
+    x = torch.full((1, 3, 64, 64), S.GREY)
+    for step in range(4):
+        x = S.ascent_step(untrained, x, 5, lr=0.03, l2_weight=0.02, blur_sigma=0.7 if (step + 1) % 2 == 0 else 0.0)
+    looped = S.class_visualization(untrained, 5, steps=4, lr=0.03, l2_weight=0.02, blur_every=2, blur_sigma=0.7,
+                                   progress=False)
+    assert torch.allclose(looped, x, atol=1e-6)
+
+
+def test_renamed_keywords_warn_and_still_work(untrained):
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(DeprecationWarning, match=r"ascent_step\(l2=\.\.\.\) is deprecated; use l2_weight="):
+        old = S.ascent_step(untrained, x, 1, l2=0.1)
+    assert torch.equal(old, S.ascent_step(untrained, x, 1, l2_weight=0.1))
+    with pytest.warns(DeprecationWarning, match="use channel="):
+        assert S.channel("features.3", k=2).name == S.channel("features.3", 2).name
+    with pytest.warns(DeprecationWarning, match="use target="):
+        S.class_score(c=1)
+    with pytest.raises(TypeError, match="got both l2= .* and l2_weight="):
+        S.ascent_step(untrained, x, 1, l2=0.1, l2_weight=0.1)
