@@ -11,8 +11,9 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "models", "hooks", "training", "plotting", "features", "attribution",
-               "evaluation", "synthesis", "style", "adversarial", "widgets", "grading", "cli")
+_SUBMODULES = ("data", "models", "hooks", "training", "plotting", "features", "receptive_field", "attribution",
+               "evaluation", "synthesis", "widgets", "grading", "grader", "cli")
+# "style" and "adversarial" are added here by their own issues, when the modules exist.
 
 
 def __getattr__(name):

@@ -7,12 +7,8 @@
   Hinton 2008) lay them out in 2-D.
 - Maximally activating patches (Girshick et al. 2014, "Rich feature hierarchies", Fig. 4; Springenberg
   et al. 2015): the image crops, cut out by the unit's receptive field, that excite a channel most.
-- Receptive fields from the architecture (Araujo et al. 2019, "Computing Receptive Fields of
-  Convolutional Neural Networks", Distill), per layer l with kernel k, stride s, padding p, dilation d:
-
-      r_l = r_{l-1} + (d (k - 1)) j_{l-1}       size (pixels)
-      j_l = j_{l-1} s                           jump: input pixels between neighbouring units
-      a_l = a_{l-1} - p j_{l-1}                 start: first input pixel of unit (0, 0)
+- Receptive fields from the architecture: ``lecturekit.receptive_field`` (re-exported here as
+  ``features.receptive_field``), used to cut the patches out.
 
 Activations are collected under ``torch.no_grad``, batch by batch, with hooks that are removed when
 the call ends (lecturekit.hooks.capture); the forward pass stops at the requested layer.
@@ -30,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import check_images
-from .hooks import forward_to, iterate_batches, model_device, preserved, resolve_layer
+from .data import check_channel, check_images, check_positive_int
+from .hooks import Layer, forward_to, iterate_batches, model_device, preserved, progress_bar, renamed, resolve_layer
+from .receptive_field import ReceptiveField, receptive_field  # noqa: F401 -- re-exported: features.receptive_field
 
 __all__ = [
     "first_layer_filters", "layer_weights", "show_filters", "activations", "embed", "nearest_neighbours",
@@ -44,7 +41,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------------
 
 
-def layer_weights(model: nn.Module, layer) -> torch.Tensor:
+def layer_weights(model: nn.Module, layer: Layer) -> torch.Tensor:
     """The weights of a convolution given by name or module, detached: (C_out, C_in, k, k)."""
     name, module = resolve_layer(model, layer)
     if not isinstance(module, nn.Conv2d):
@@ -107,7 +104,7 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 def _batches(images, batch_size: int) -> Iterable[torch.Tensor]:
     """A tensor (N, 3, H, W) in slices of ``batch_size``, or an iterable of such tensors as it comes."""
     if isinstance(images, torch.Tensor):
-        check_images(images, "images")
+        check_images(images, "x")
         for s in iterate_batches(len(images), batch_size):
             yield images[s]
     else:
@@ -115,7 +112,7 @@ def _batches(images, batch_size: int) -> Iterable[torch.Tensor]:
             yield check_images(batch, "each batch of images")
 
 
-def activations(model: nn.Module, x: torch.Tensor, layer, batch_size: int = 256,
+def activations(model: nn.Module, x: torch.Tensor, layer: Layer, batch_size: int = 256,
                 progress: bool = False) -> torch.Tensor:
     """The output of ``layer`` for images ``x`` (N, 3, H, W) in [0, 1]: (N, C, h, w), or (N, D).
 
@@ -126,14 +123,12 @@ def activations(model: nn.Module, x: torch.Tensor, layer, batch_size: int = 256,
 
     Notebooks: 02_last_layer, 03_activations
     """
-    from tqdm.auto import tqdm
-
     check_images(x)
     name, _ = resolve_layer(model, layer)
     device = model_device(model)
     parts = []
     with preserved(model), torch.no_grad(), forward_to(model, [name]) as run:  # stops after the layer
-        for s in tqdm(list(iterate_batches(len(x), batch_size)), desc=f"activations {name}", disable=not progress):
+        for s in progress_bar(list(iterate_batches(len(x), batch_size)), progress, desc=f"activations {name}"):
             parts.append(run(_channels_last(x[s].to(device)))[name].contiguous().to(x.device))
     return torch.cat(parts)
 
@@ -309,153 +304,6 @@ def show_thumbnails(xy: torch.Tensor, images: torch.Tensor, zoom: float | None =
 
 
 # ---------------------------------------------------------------------------------------------------
-# Receptive fields
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ReceptiveField:
-    """Receptive field of the units of one layer, in input pixels.
-
-    size: side of the square region a unit sees; jump: input pixels between neighbouring units (the
-    product of the strides); start: first input pixel (row and column) of unit (0, 0), negative when
-    padding reaches outside the image. Unit (y, x) sees rows ``start + y * jump`` to
-    ``start + y * jump + size - 1``, and likewise columns.
-    """
-
-    size: int
-    jump: int
-    start: int
-
-    @property
-    def center(self) -> float:
-        """Centre of unit (0, 0)'s region, in pixel coordinates (pixel i spans [i - 0.5, i + 0.5])."""
-        return self.start + (self.size - 1) / 2
-
-    def box(self, y: int, x: int, height: int | None = None, width: int | None = None) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1) of unit (y, x)'s region, x1/y1 exclusive; clipped to the image when its size is given."""
-        x0, y0 = self.start + x * self.jump, self.start + y * self.jump
-        x1, y1 = x0 + self.size, y0 + self.size
-        if height is not None and width is not None:
-            x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
-        return x0, y0, x1, y1
-
-
-_GLOBAL = "global"  # a value that depends on every input pixel (after global pooling, flatten, linear)
-
-
-def _pair_equal(v, what: str, name: str) -> int:
-    a, b = (v, v) if isinstance(v, int) else tuple(v)
-    if a != b:
-        raise ValueError(f"receptive_field handles square {what}s only; {name} has {what} {tuple(v)}")
-    return a
-
-
-def _module_rf(module: nn.Module, name: str, rf):
-    """The receptive field after one module, given the field ``rf = (size, jump, start)`` of its input."""
-    if rf is None or rf == _GLOBAL:
-        return rf
-    r, j, a = rf
-    if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-        k = _pair_equal(module.kernel_size, "kernel", name)
-        s = _pair_equal(module.stride, "stride", name)
-        p = module.padding
-        if isinstance(p, str):  # "same" / "valid" (stride 1 only): torch pads (k_eff - 1) // 2 in front
-            p = 0 if p == "valid" else None
-        d = _pair_equal(getattr(module, "dilation", 1), "dilation", name)
-        k_eff = d * (k - 1) + 1
-        p = (k_eff - 1) // 2 if p is None else _pair_equal(p, "padding", name)
-        return r + (k_eff - 1) * j, j * s, a - p * j  # the three equations of the module docstring
-    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Linear, nn.Flatten)):
-        return _GLOBAL
-    if isinstance(module, (nn.ConvTranspose2d, nn.LPPool2d, nn.FractionalMaxPool2d, nn.Upsample, nn.Unfold)):
-        raise ValueError(f"receptive_field does not handle {type(module).__name__} ({name})")
-    return rf  # elementwise: ReLU, BatchNorm, Dropout, Identity, ...
-
-
-def _union(rfs: list, where: str):
-    """Several inputs meet (concatenation, residual addition): the union of their regions."""
-    rfs = [rf for rf in rfs if rf is not None]
-    if not rfs:
-        return None
-    if any(rf == _GLOBAL for rf in rfs):
-        return _GLOBAL
-    if len({j for _, j, _ in rfs}) > 1:
-        raise ValueError(f"inputs with different jumps {[j for _, j, _ in rfs]} meet at {where}; "
-                         "receptive_field expects aligned branches")
-    lo = min(a for _, _, a in rfs)
-    hi = max(a + r for r, _, a in rfs)
-    return hi - lo, rfs[0][1], lo
-
-
-_GLOBAL_FUNCTIONS = {torch.flatten, torch.mean, torch.sum, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
-                     F.linear}
-_GLOBAL_METHODS = {"flatten", "view", "reshape", "mean", "sum"}
-_SPATIAL_FUNCTIONS = {F.conv2d, F.max_pool2d, F.avg_pool2d, F.interpolate, torch.conv2d}
-
-
-def receptive_field(model: nn.Module, layer) -> ReceptiveField:
-    """The receptive field of the units of ``layer``, computed from the architecture.
-
-    The model is traced with ``torch.fx`` and the recurrence of the module docstring is carried along
-    the graph, through every Conv2d, MaxPool2d and AvgPool2d (kernel, stride, padding, dilation);
-    elementwise layers keep the field; where branches meet (Inception/Fire concatenation, residual
-    addition) the field is the union of the branches'. Square kernels only. A layer after global
-    pooling, flatten or a linear layer sees the whole image: ``ValueError``. A container layer
-    (``"layer4"``) has the field of the last module it runs; a module called twice in the forward pass
-    (ResNet's shared ``relu``) that of its first call, whose output :func:`activations` returns.
-
-    Example: CourseNet ``features.9`` has size 40, jump 8, start -16; AlexNet's pool5 (``features.12``)
-    size 195, jump 32 (Araujo et al. 2019, Table 1).
-
-    Notebook: 03_activations
-    """
-    import torch.fx as fx
-
-    name, _ = resolve_layer(model, layer)
-    try:
-        graph = fx.symbolic_trace(model).graph
-    except Exception as err:  # noqa: BLE001 -- any tracing failure means: not a static graph
-        raise ValueError(f"receptive_field needs a model that torch.fx can trace; {type(model).__name__} "
-                         f"cannot be traced ({type(err).__name__}: {err})") from err
-    modules = dict(model.named_modules())
-    rf: dict = {}
-    found = None
-    for node in graph.nodes:
-        inputs = [rf.get(n) for n in node.all_input_nodes]
-        if node.op == "placeholder":
-            rf[node] = (1, 1, 0) if found is None and not rf else None
-        elif node.op == "get_attr":
-            rf[node] = None  # a constant (buffer, parameter)
-        elif node.op == "call_module":
-            if len([i for i in inputs if i is not None]) > 1:
-                raise ValueError(f"module {node.target} takes several image-dependent inputs")
-            rf[node] = _module_rf(modules[node.target], node.target, _union(inputs, node.target))
-            if node.target == name and (found is None or found.target != name):
-                found = node  # a module called more than once (ResNet's relu): its first call, as in activations()
-            elif node.target.startswith(name + ".") and (found is None or found.target != name):
-                found = node  # a container: the last module it runs
-        elif node.op in ("call_function", "call_method"):
-            if node.target in _SPATIAL_FUNCTIONS:
-                raise ValueError(f"receptive_field cannot follow the functional call {node.target} "
-                                 f"in {type(model).__name__}.forward; use nn modules for convolutions and pooling")
-            merged = _union(inputs, str(node.target))
-            is_global = node.target in _GLOBAL_FUNCTIONS or (node.op == "call_method" and node.target in _GLOBAL_METHODS)
-            rf[node] = _GLOBAL if merged is not None and is_global else merged
-        else:
-            rf[node] = _union(inputs, "output")
-    if found is None:
-        raise ValueError(f"layer {name!r} is not called in the traced forward pass of {type(model).__name__}")
-    result = rf[found]
-    if result == _GLOBAL:
-        raise ValueError(f"the units of layer {name!r} see the whole image (after global pooling, flatten or "
-                         "a linear layer): they have no local receptive field; choose a convolutional layer")
-    if result is None:
-        raise ValueError(f"layer {name!r} does not depend on the input image")
-    return ReceptiveField(*map(int, result))
-
-
-# ---------------------------------------------------------------------------------------------------
 # Maximally activating patches
 # ---------------------------------------------------------------------------------------------------
 
@@ -517,11 +365,13 @@ class _RunningTopK:
                        self.positions.to(device), boxes.reshape(-1, 4).to(device), self.rf)
 
 
-def top_patches(model: nn.Module, images, layer, channel, k: int = 9, batch_size: int = 256,
-                pad_value: float = 0.5, progress: bool = False):
+@renamed(images="x")
+def top_patches(model: nn.Module, x: torch.Tensor | Iterable[torch.Tensor], layer: Layer, channel: int | list[int],
+                k: int = 9, batch_size: int = 256, pad_value: float = 0.5,
+                progress: bool = False) -> Patches | list[Patches]:
     """The ``k`` images whose unit of ``channel`` at ``layer`` responds most, cropped by its receptive field.
 
-    ``images``: a tensor (N, 3, H, W) in [0, 1], or an iterable of such batches (a generator keeps the
+    ``x``: a tensor (N, 3, H, W) in [0, 1], or an iterable of such batches (a generator keeps the
     images themselves out of memory). For each image the strongest unit of the channel (its maximum
     over positions) is its score; the k best images are kept in a running top-k while the batches
     stream by (only k crops are ever stored), so memory stays flat as N grows. Ties go to the earlier
@@ -533,16 +383,13 @@ def top_patches(model: nn.Module, images, layer, channel, k: int = 9, batch_size
 
     Notebook: 03_activations
     """
-    from tqdm.auto import tqdm
-
     channels = [channel] if isinstance(channel, (int, np.integer)) and not isinstance(channel, bool) else channel
     if not isinstance(channels, (list, tuple)) or not channels or not all(
             isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in channels):
         raise TypeError(f"expected an int channel or a non-empty list of ints, got {channel!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"expected a positive number of patches k, got {k!r}")
-    if isinstance(images, torch.Tensor) and k > len(images):
-        raise ValueError(f"expected k at most the number of images ({len(images)}), got k={k}")
+    k = check_positive_int(k, "k")
+    if isinstance(x, torch.Tensor) and k > len(x):
+        raise ValueError(f"expected k at most the number of images ({len(x)}), got k={k}")
     name, _ = resolve_layer(model, layer)
     rf = receptive_field(model, name)
     device = model_device(model)
@@ -550,15 +397,12 @@ def top_patches(model: nn.Module, images, layer, channel, k: int = 9, batch_size
     chosen = torch.tensor([int(c) for c in channels])
     seen, H, W, out_device = 0, None, None, None
     with preserved(model), torch.no_grad(), forward_to(model, [name]) as run:  # stops after the layer
-        for batch in tqdm(_batches(images, batch_size), desc=f"top patches {name}", disable=not progress):
+        for batch in progress_bar(_batches(x, batch_size), progress, desc=f"top patches {name}"):
             out_device = batch.device
             A = run(_channels_last(batch.to(device)))[name].contiguous()  # (B, C, h, w)
             if A.dim() != 4:
                 raise ValueError(f"expected layer {name!r} to give maps (N, C, h, w), got {tuple(A.shape)}")
-            bad = [int(c) for c in channels if not 0 <= c < A.shape[1]]
-            if bad:
-                raise ValueError(f"channel {bad[0]} out of range: layer {name!r} has {A.shape[1]} channels "
-                                 f"(0 to {A.shape[1] - 1})")
+            check_channel(chosen if channels is channel else int(channel), A.shape[1], name)
             H, W, w = batch.shape[2], batch.shape[3], A.shape[3]
             v, where = A[:, chosen.to(A.device)].flatten(2).float().cpu().max(2)  # (B, n_channels) strongest unit
             batch_cpu = batch.cpu()
@@ -590,24 +434,23 @@ class FeatureView:
     patches: Patches  # the channel's top patches over all images
 
 
-def feature_view(model: nn.Module, images: torch.Tensor, layer, channel: int, index: int = 0, k: int = 8,
+@renamed(images="x")
+def feature_view(model: nn.Module, x: torch.Tensor, layer: Layer, channel: int, index: int = 0, k: int = 8,
                  batch_size: int = 256) -> FeatureView:
-    """Activation maps of ``images[index]`` at ``layer`` and the top-``k`` patches of ``channel`` over ``images``.
+    """Activation maps of ``x[index]`` at ``layer`` and the top-``k`` patches of ``channel`` over ``x``.
 
     Notebook: 03_activations
     """
-    check_images(images, "images")
-    if not 0 <= index < len(images):
-        raise ValueError(f"expected an image index in [0, {len(images)}), got {index}")
+    check_images(x)
+    if not 0 <= index < len(x):
+        raise ValueError(f"expected an image index in [0, {len(x)}), got {index}")
     name, _ = resolve_layer(model, layer)
-    maps = activations(model, images[index: index + 1], name)[0]  # (C, h, w)
+    maps = activations(model, x[index: index + 1], name)[0]  # (C, h, w)
     if maps.dim() != 3:
         raise ValueError(f"expected layer {name!r} to give maps (C, h, w), got {tuple(maps.shape)}")
-    if not 0 <= channel < maps.shape[0]:
-        raise ValueError(f"channel {channel} out of range: layer {name!r} has {maps.shape[0]} channels "
-                         f"(0 to {maps.shape[0] - 1})")
-    patches = top_patches(model, images, name, channel, k=min(k, len(images)), batch_size=batch_size)
-    return FeatureView(name, int(channel), images[index], maps, patches)
+    check_channel(channel, maps.shape[0], name)
+    patches = top_patches(model, x, name, channel, k=min(k, len(x)), batch_size=batch_size)
+    return FeatureView(name, int(channel), x[index], maps, patches)
 
 
 def show_feature_view(view: FeatureView, ncols: int = 16, figsize=(11, 6.5)):

@@ -107,7 +107,7 @@ def test_bad_inputs_give_clear_errors(net, images):
         features.activations(net, images[0], "features.0")
     with pytest.raises(ValueError, match="unknown layer"):
         features.top_patches(net, images, "feature.3", 0, k=2)
-    with pytest.raises(ValueError, match=r"channel 32 out of range.*32 channels"):
+    with pytest.raises(ValueError, match=r"channel index in \[0, 32\) for layer 'features.3' \(32 channels\), got 32"):
         features.top_patches(net, images, "features.3", 32, k=2)
     with pytest.raises(ValueError, match=r"k at most the number of images \(40\)"):
         features.top_patches(net, images, "features.3", 0, k=41)
@@ -314,7 +314,7 @@ def test_feature_view_is_maps_and_patches(net, images):
     assert view.maps.shape == (32, 32, 32)
     assert torch.allclose(view.maps, features.activations(net, images[2:3], "features.3")[0])
     assert len(view.patches) == 3 and view.layer == "features.3" and view.channel == 4
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(ValueError, match=r"channel index in \[0, 32\) for layer 'features.3'.*got 99"):
         features.feature_view(net, images, "features.3", channel=99)
 
 
@@ -324,7 +324,14 @@ def test_top_patches_of_several_channels_in_one_pass(net, images):
     for c, p in zip([5, 0, 63], many):
         one = features.top_patches(net, images, "features.6", c, k=4)
         assert torch.equal(p.index, one.index) and torch.equal(p.crops, one.crops)
-    with pytest.raises(ValueError, match="channel 64 out of range"):
+    with pytest.raises(ValueError, match=r"channel index in \[0, 64\) for layer 'features.6'.*got \[1, 64\]"):
         features.top_patches(net, images, "features.6", [1, 64], k=2)
     with pytest.raises(TypeError, match="expected an int channel"):
         features.top_patches(net, images, "features.6", 1.0, k=2)
+
+
+def test_receptive_field_has_its_own_module_and_features_re_exports_it():
+    from lecturekit import receptive_field as rf_module
+
+    assert features.receptive_field is rf_module.receptive_field
+    assert features.ReceptiveField is rf_module.ReceptiveField
