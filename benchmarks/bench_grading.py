@@ -19,7 +19,7 @@ import nbformat
 
 os.environ.setdefault("LECTUREKIT_STANDIN", "1")
 
-from lecturekit import grading  # noqa: E402
+from lecturekit import grader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 60.0
@@ -48,7 +48,7 @@ def main() -> None:
         for _ in range(args.repeat):
             for label, path in cases:
                 start = time.perf_counter()
-                report = grading.grade(path)
+                report = grader.grade(path)
                 best[label] = min(best[label], time.perf_counter() - start)
                 scores[label] = f"{report.score:g}/{report.max_score:g}"
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPU cores, best of {args.repeat}")

@@ -1,4 +1,4 @@
-"""The ``lecturekit`` command: ``lab``, ``course``, ``train`` (and more as the course grows).
+"""The ``lecturekit`` command: ``lab``, ``course``, ``train``, ``grade`` and ``assignments``.
 
     lecturekit lab                 open the course in JupyterLab
     lecturekit course [--fast]     execute every lecture notebook into build/ (HTML + index page)
@@ -118,17 +118,17 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_grade(args) -> int:
-    from . import grading
+    from . import grader
 
     limits = dict(cell_timeout=args.cell_timeout, timeout=args.timeout)
     if args.against:
         limits["reference"] = Path(args.against)
     target = Path(args.submission)
     if target.is_dir():
-        reports = grading.grade_folder(target, jobs=args.jobs, **limits)
+        reports = grader.grade_folder(target, jobs=args.jobs, **limits)
         for student, report in reports.items():
             print(f"{student}: {report.score:g}/{report.max_score:g}", file=sys.stderr)
-        table = grading.reports_to_csv(reports)
+        table = grader.reports_to_csv(reports)
         if args.csv:
             Path(args.csv).write_text(table, encoding="utf-8")
         else:
@@ -143,18 +143,18 @@ def _cmd_grade(args) -> int:
     if not target.is_file():
         print(f"no such submission: {target} (expected a .ipynb file or a folder of them)", file=sys.stderr)
         return 2
-    report = grading.grade(target, **limits)
-    print(grading.format_report(report))
+    report = grader.grade(target, **limits)
+    print(grader.format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
     return 0
 
 
 def _cmd_assignments(args) -> int:
-    from . import grading
+    from . import grader
 
     root = find_root()
-    changed = grading.write_assignments(root / "solutions", root / "assignments", check_only=args.check)
+    changed = grader.write_assignments(root / "solutions", root / "assignments", check_only=args.check)
     for path in changed:
         print(f"{'out of date' if args.check else 'wrote'}: {path.relative_to(root)}")
     if args.check and changed:

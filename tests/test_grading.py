@@ -21,7 +21,7 @@ import nbformat
 import pytest
 import torch
 
-from lecturekit import grading
+from lecturekit import grader, grading
 
 ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ROOT / "solutions"
@@ -101,12 +101,18 @@ def _notebook(*cells):
     return nb
 
 
+def test_instructor_tools_moved_to_grader_and_old_names_warn():
+    with pytest.warns(DeprecationWarning, match="moved to lecturekit.grader.grade"):
+        assert grading.grade is grader.grade
+    assert "grade" not in grading.__all__ and "exercise" not in grader.__all__
+
+
 def test_make_assignment_keeps_indentation_and_clears_outputs():
     nb = _notebook("def f(x):\n    y = 1\n    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION\n",
                    "md:Why?\n### BEGIN SOLUTION\nBecause.\n### END SOLUTION")
     nb.cells[0].outputs = [nbformat.v4.new_output("stream", text="hi")]
     nb.cells[0].execution_count = 3
-    out = grading.make_assignment(nb)
+    out = grader.make_assignment(nb)
     assert out.cells[0].source == "def f(x):\n    y = 1\n    # YOUR CODE HERE\n    raise NotImplementedError()"
     assert out.cells[1].source == "Why?\nYOUR ANSWER HERE"
     assert out.cells[0].outputs == [] and out.cells[0].execution_count is None
@@ -120,26 +126,26 @@ def test_make_assignment_keeps_indentation_and_clears_outputs():
 ])
 def test_unbalanced_markers_raise(source, error):
     with pytest.raises(ValueError, match=f"cell 0.*{error}"):
-        grading.make_assignment(_notebook(source), "broken.ipynb")
+        grader.make_assignment(_notebook(source), "broken.ipynb")
 
 
 def test_committed_assignments_are_what_the_command_generates():
     solutions = sorted(SOLUTIONS.glob("*.ipynb"))
     assert [p.name for p in solutions] == [A1, A2]
     assert sorted(p.name for p in ASSIGNMENTS.glob("*.ipynb")) == [A1, A2]
-    stale = grading.write_assignments(SOLUTIONS, ASSIGNMENTS, check_only=True)
+    stale = grader.write_assignments(SOLUTIONS, ASSIGNMENTS, check_only=True)
     assert not stale, f"assignments/ is out of date: run `lecturekit assignments` ({stale})"
 
 
 def test_no_solution_text_leaks_into_assignments():
     for solution in sorted(SOLUTIONS.glob("*.ipynb")):
         nb = nbformat.read(solution, as_version=4)
-        blocks = grading.solution_blocks(nb)
+        blocks = grader.solution_blocks(nb)
         assert len(blocks) >= 4, f"{solution.name}: expected a solution block per exercise"
-        outside = grading.make_assignment(nb)  # everything but the blocks
+        outside = grader.make_assignment(nb)  # everything but the blocks
         outside_text = "\n".join(c.source for c in outside.cells)
         student = (ASSIGNMENTS / solution.name).read_text(encoding="utf-8")
-        assert grading.BEGIN not in student and grading.END not in student
+        assert grader.BEGIN not in student and grader.END not in student
         for block in blocks:
             for line in block.splitlines():
                 line = line.strip()
@@ -201,7 +207,7 @@ def synthetic(tmp_path_factory):
     def run(item):
         path, kwargs = item
         start = time.perf_counter()
-        return grading.grade(path, **kwargs), time.perf_counter() - start
+        return grader.grade(path, **kwargs), time.perf_counter() - start
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(zip(jobs, pool.map(run, jobs.values())))
@@ -217,7 +223,7 @@ def test_grader_scores_and_reports_in_the_design_format(synthetic):
         "exercises": [{"id": "double", "points": 2.0, "max_points": 2.0, "passed": True, "message": ""},
                       {"id": "half", "points": 0.0, "max_points": 1.5, "passed": False,
                        "message": "AssertionError: [half] one half, please"}]}
-    table = grading.format_report(report)
+    table = grader.format_report(report)
     assert "double" in table and "2/2" in table and "total" in table and "2/3.5" in table
 
 
@@ -230,7 +236,7 @@ def test_grader_survives_raising_looping_chatty_and_writing_submissions(syntheti
     assert not by_id["loops"].passed and "time limit of 4 s per cell" in by_id["loops"].message
     assert by_id["after"].passed  # the kernel was interrupted, not lost
     assert report.score == 3 and report.max_score == 5
-    assert len(report.log) <= grading.LOG_BYTES and seconds < 110
+    assert len(report.log) <= grader.LOG_BYTES and seconds < 110
     before, after = synthetic["files"]
     assert before == after  # files went to a scratch folder, now removed; the grader's cwd is untouched
     assert not (synthetic["folder"] / "student" / "junk.bin").exists()
@@ -252,7 +258,7 @@ def test_grader_reports_a_dead_kernel_and_an_unreadable_file(synthetic, tmp_path
     assert report.score == 0 and report.max_score == 1 and report.exercises[0].message
     junk = tmp_path / "junk.ipynb"
     junk.write_text("{not json")
-    report = grading.grade(junk)
+    report = grader.grade(junk)
     assert report.score == 0 and report.exercises == [] and "could not read" in report.log
 
 
@@ -299,11 +305,11 @@ WRONG = {
                                           "alpha = A.mean((2, 3), keepdim=True)"),
     "pointing_game_wrong_argmax_axis": (A1, "pointing_game", "rows, cols = peak // W, peak % W",
                                         "rows, cols = peak % H, peak // H"),
-    "l2_penalty_on_the_scores": (A2, "class_vis_step", "objective = S - l2 * (img - 0.5).pow(2).flatten(1).sum(1)",
-                                 "objective = S - l2 * S.pow(2)"),
-    "blurring_the_gradient": (A2, "class_vis_step", "g = img.grad\n",
-                              "g = blur(img.grad, blur_sigma) if blur_sigma > 0 else img.grad\n        blur_sigma = 0\n"),
-    "image_gradient_not_zeroed": (A2, "class_vis_step", "img.grad.zero_()", "pass"),
+    "l2_penalty_on_the_scores": (A2, "class_vis_step", "objective = S - l2_weight * (x - 0.5).pow(2).flatten(1).sum(1)",
+                                 "objective = S - l2_weight * S.pow(2)"),
+    "blurring_the_gradient": (A2, "class_vis_step", "g = x.grad\n",
+                              "g = blur(x.grad, blur_sigma) if blur_sigma > 0 else x.grad\n        blur_sigma = 0\n"),
+    "image_gradient_not_zeroed": (A2, "class_vis_step", "x.grad.zero_()", "pass"),
     "total_variation_one_axis": (A2, "total_variation", "return (dx * dx + dy * dy).pow(beta / 2).sum()",
                                  "return (dx * dx).pow(beta / 2).sum()"),
     "dream_step_not_normalised": (A2, "dream_step", "g = g / g.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)",
@@ -317,9 +323,9 @@ def _spans(nb) -> tuple[list[int], dict[str, list[int]]]:
 
     An exercise's cells run from its solution cell up to the next exercise's solution cell.
     """
-    starts = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and grading.BEGIN in c.source]
+    starts = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and grader.BEGIN in c.source]
     graded = {i: m.group(1) for i, c in enumerate(nb.cells) if c.cell_type == "code"
-              for m in [grading._EXERCISE.search(c.source)] if m}
+              for m in [grader._EXERCISE.search(c.source)] if m}
     spans = {}
     for k, start in enumerate(starts):
         end = starts[k + 1] if k + 1 < len(starts) else len(nb.cells)
@@ -347,7 +353,7 @@ def _wrong_notebook(notebook: str, names: list[str], folder: Path) -> Path:
     nb = nbformat.read(SOLUTIONS / notebook, as_version=4)
     for name in names:
         _, exercise, old, new = WRONG[name]
-        hits = [c for c in nb.cells if old in c.source and grading.BEGIN in c.source]
+        hits = [c for c in nb.cells if old in c.source and grader.BEGIN in c.source]
         assert len(hits) == 1 and hits[0].source.count(old) == 1, f"{name}: {old!r} is not in the solution"
         hits[0].source = hits[0].source.replace(old, new)
     setup, spans = _spans(nb)
@@ -373,7 +379,7 @@ def graded(tmp_path_factory):
             jobs[f"wrong/{name}"] = path
     paths = sorted(set(jobs.values()))
     with ThreadPoolExecutor(max_workers=2) as pool:
-        reports = dict(zip(paths, pool.map(lambda p: grading.grade(p, cell_timeout=60, timeout=240), paths)))
+        reports = dict(zip(paths, pool.map(lambda p: grader.grade(p, cell_timeout=60, timeout=240), paths)))
     return {key: reports[path] for key, path in jobs.items()}
 
 
