@@ -265,7 +265,8 @@ def snap_to_grid(xy: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def show_thumbnails(xy: torch.Tensor, images: torch.Tensor, zoom: float | None = None, labels=None,
+@renamed(images="x")
+def show_thumbnails(xy: torch.Tensor, x: torch.Tensor, zoom: float | None = None, labels=None,
                     grid: tuple[int, int] | None = None, title: str | None = None, figsize=(9, 9)):
     """The lecture's picture: each image drawn as a thumbnail at its 2-D position; returns the figure.
 
@@ -278,18 +279,18 @@ def show_thumbnails(xy: torch.Tensor, images: torch.Tensor, zoom: float | None =
     import matplotlib.pyplot as plt
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-    check_images(images, "images")
-    if len(xy) != len(images):
-        raise ValueError(f"expected one position per image, got {len(xy)} positions for {len(images)} images")
+    check_images(x)
+    if len(xy) != len(x):
+        raise ValueError(f"expected one position per image, got {len(xy)} positions for {len(x)} images")
     pos = snap_to_grid(xy, *grid).flip(1).float() * torch.tensor([1.0, -1.0]) if grid else torch.as_tensor(xy).float()
     pos = pos.numpy()
     if zoom is None:  # OffsetImage draws an image at `zoom` points per pixel: fill ~80% of a cell
-        zoom = 0.8 * min(figsize) * 72 / max(grid) / images.shape[-1] if grid else 0.35
+        zoom = 0.8 * min(figsize) * 72 / max(grid) / x.shape[-1] if grid else 0.35
     fig, ax = plt.subplots(figsize=figsize)
     colours = plt.get_cmap("tab10")
-    for i in range(len(images)):
+    for i in range(len(x)):
         frame = dict(edgecolor=colours(int(labels[i]) % 10), lw=1.5) if labels is not None else dict(lw=0)
-        box = AnnotationBbox(OffsetImage(images[i].permute(1, 2, 0).cpu().numpy(), zoom=zoom),
+        box = AnnotationBbox(OffsetImage(x[i].permute(1, 2, 0).cpu().numpy(), zoom=zoom),
                              pos[i], frameon=labels is not None, pad=0.05, bboxprops=frame)
         ax.add_artist(box)
     pad = 0.5 if grid else 0.05 * (pos.max(0) - pos.min(0)).max()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data
+from .hooks import preserved, progress_bar
 from .models import CourseNet, WEIGHTS_PATH, fuse_batchnorm
 
 __all__ = ["History", "trainable_model", "train", "evaluate", "initial_loss", "overfit_small_sample", "lr_sweep",
@@ -82,24 +83,19 @@ def _train_batch(seed: int, step: int, batch_size: int, sample: data.ShapesBatch
 @torch.no_grad()
 def evaluate(model: nn.Module, batch: data.ShapesBatch, batch_size: int = 500) -> float:
     """Accuracy of ``model`` on a ShapesBatch, in eval mode (the mode is restored afterwards)."""
-    was_training = model.training
-    model.eval()
     correct = 0
-    for start in range(0, len(batch), batch_size):
-        logits = model(batch.images[start:start + batch_size])
-        correct += (logits.argmax(1) == batch.labels[start:start + batch_size]).sum().item()
-    model.train(was_training)
+    with preserved(model, freeze=False):  # eval mode inside, the caller's mode restored after
+        for start in range(0, len(batch), batch_size):
+            logits = model(batch.images[start:start + batch_size])
+            correct += (logits.argmax(1) == batch.labels[start:start + batch_size]).sum().item()
     return correct / len(batch)
 
 
 @torch.no_grad()
 def initial_loss(model: nn.Module, batch: data.ShapesBatch) -> float:
     """Cross-entropy of the untrained model: should be close to log(C) (step 1 of the recipe)."""
-    was_training = model.training
-    model.eval()
-    loss = F.cross_entropy(model(batch.images), batch.labels).item()
-    model.train(was_training)
-    return loss
+    with preserved(model, freeze=False):
+        return F.cross_entropy(model(batch.images), batch.labels).item()
 
 
 def train(model: nn.Module, steps: int, lr: float, weight_decay: float = 0.0, batch_size: int = 128,
@@ -115,13 +111,19 @@ def train(model: nn.Module, steps: int, lr: float, weight_decay: float = 0.0, ba
     ``"onecycle"`` (warm-up then cosine decay, for the final run). ``val``: measured every ``val_every``
     steps and at the end. The training stops early if the loss becomes NaN.
     """
-    from tqdm.auto import tqdm
-
-    if steps < 1:
-        raise ValueError(f"expected at least one training step, got steps={steps}")
+    steps = data.check_positive_int(steps, "steps")
     if not lr > 0:
         raise ValueError(f"expected a positive learning rate, got lr={lr}")
-    torch.manual_seed(seed)
+    # Dropout (and any other random layer) draws from the global generator: seed it inside fork_rng,
+    # so that the run is reproducible and the caller's random state is left as found.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train(model, steps, lr, weight_decay, batch_size, seed, sample, val, val_every, schedule,
+                      optimizer, progress)
+
+
+def _train(model, steps, lr, weight_decay, batch_size, seed, sample, val, val_every, schedule, optimizer,
+           progress) -> History:
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     elif optimizer == "adamw":
@@ -139,7 +141,7 @@ def train(model: nn.Module, steps: int, lr: float, weight_decay: float = 0.0, ba
     # 2 cores, benchmarks/RESULTS.md). Only the memory layout changes, not a single value.
     model.to(memory_format=torch.channels_last)
     model.train()
-    for step in tqdm(range(steps), disable=not progress, desc="train", leave=False):
+    for step in progress_bar(range(steps), progress, desc="train"):
         images, labels = _train_batch(seed, step, batch_size, sample)
         logits = model(images.contiguous(memory_format=torch.channels_last))
         loss = F.cross_entropy(logits, labels)
