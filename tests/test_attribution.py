@@ -339,11 +339,14 @@ def test_model_left_as_found_and_results_detached(name, shapes_batch):
     assert all(p.grad is None for n, p in model.named_parameters() if n != "classifier.weight")
     assert not out.requires_grad and out.device == x.device
     assert out.shape[0] == 2 and out.shape[-2:] == (64, 64)
-    # also when the call raises (a class out of range)
-    with pytest.raises(ValueError):
+    # also when the call raises (a class out of range): mode, requires_grad, .grad, hooks, forwards
+    with pytest.raises(ValueError, match=r"class indices in \[0, 8\)|channel index in \[0, 64\)"):
         METHODS[name](model, x, 99)
-    assert model_state(model)["modes"] == before["modes"] and model_state(model)["hooks"] == before["hooks"]
-    assert model_state(model)["forwards"] == before["forwards"]
+    raised = model_state(model)
+    for key in ("modes", "requires_grad", "hooks", "forwards"):
+        assert raised[key] == before[key], key
+    assert model.classifier.weight.grad is marker
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "classifier.weight")
 
 
 BAD_X = {
