@@ -16,29 +16,13 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 import torch
 
 os.environ.setdefault("LECTUREKIT_STANDIN", "1")
 
 from lecturekit import attribution, data, models  # noqa: E402
-
-
-def side_by_side(a, b, repeat=5):
-    """Best-of-``repeat`` CPU seconds of this process for two functions, measured alternately.
-
-    CPU time (all threads of this process), not wall time: on a machine shared with other jobs the
-    wall time mostly measures the neighbours, while the CPU time measures the work done.
-    """
-    ta, tb = [], []
-    a(), b()  # warm-up
-    for _ in range(repeat):
-        for fn, times in ((a, ta), (b, tb)):
-            start = time.process_time()
-            fn()
-            times.append(time.process_time() - start)
-    return min(ta), min(tb)
+from timing import side_by_side  # noqa: E402 -- benchmarks/timing.py: the one timer
 
 
 def occlusion_limit(model, x, target, patch, stride, batch_size):

@@ -24,6 +24,7 @@ import time
 import torch
 
 import lecturekit as lk
+from timing import timed  # benchmarks/timing.py: the one timer
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -53,15 +54,6 @@ class PeakRSS:
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
         self.extra = self.peak - self.start
-
-
-def timed(fn, repeat: int = 1):
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def generated(n: int, seed: int = 0, chunk: int = 256):

@@ -14,15 +14,7 @@ from pathlib import Path
 import torch
 
 from lecturekit import data, models, training
-
-
-def best_of(fn, repeat=3):
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from timing import timed  # benchmarks/timing.py: the one timer
 
 
 def main():
@@ -32,7 +24,7 @@ def main():
     rows = []
     data.shapes(256, seed=0)  # warm-up
     n = 5000
-    seconds = best_of(lambda: data.shapes(n, seed=1))
+    seconds = timed(lambda: data.shapes(n, seed=1), 3)[0]
     rows.append(("ShapesWorld generation (64 px)", f"{n / seconds:,.0f} images/s", ">= 2,000 images/s"))
 
     test = data.shapes(2000, seed=training.TEST_SEED)

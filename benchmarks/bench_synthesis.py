@@ -11,13 +11,13 @@ against no prior (< 1), relative feature error of inversion per layer (< 0.1 at 
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("LECTUREKIT_STANDIN", "1")  # never download at run time; set "auto" to use cached ImageNet weights
 
 import torch  # noqa: E402
 
 import lecturekit as lk  # noqa: E402
+from timing import median_seconds  # noqa: E402 -- benchmarks/timing.py: the one timer
 from lecturekit import synthesis as S  # noqa: E402
 
 QUICK = "--quick" in sys.argv
@@ -32,15 +32,6 @@ def fwd_bwd(model, x, c=0, repeats=1):
             model(x)[:, c].sum().backward()
 
 
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def speed():
     rows = []
     course = lk.models.course_model()
@@ -50,27 +41,27 @@ def speed():
     S.class_visualization(course, 0, steps=5, progress=False)  # warm-up
     base, ours, priors = [], [], []
     for _ in range(3 if QUICK else 5):  # interleaved, so that the load of the machine hits both alike
-        base.append(timed(lambda: fwd_bwd(course, x, repeats=steps), 1) / steps)
-        ours.append(timed(lambda: S.class_visualization(course, 0, steps=steps, progress=False), 1) / steps)
-        priors.append(timed(lambda: S.class_visualization(course, 0, steps=steps, l2=1e-3, jitter=2, blur_every=4,
+        base.append(median_seconds(lambda: fwd_bwd(course, x, repeats=steps), 1) / steps)
+        ours.append(median_seconds(lambda: S.class_visualization(course, 0, steps=steps, progress=False), 1) / steps)
+        priors.append(median_seconds(lambda: S.class_visualization(course, 0, steps=steps, l2_weight=1e-3, jitter=2, blur_every=4,
                                                           progress=False), 1) / steps)
     b, o, p = statistics.median(base), statistics.median(ours), statistics.median(priors)
     rows.append(("course model: one step / (fwd + bwd), no prior", f"{o * 1e3:.2f} / {b * 1e3:.2f} ms", f"{o / b:.2f}x", "<= 1.2x"))
     rows.append(("course model: one step / (fwd + bwd), l2+jitter+blur", f"{p * 1e3:.2f} / {b * 1e3:.2f} ms", f"{p / b:.2f}x", "<= 1.2x"))
-    t200 = timed(lambda: S.class_visualization(course, 0, steps=200, progress=False), 1 if QUICK else 3)
+    t200 = median_seconds(lambda: S.class_visualization(course, 0, steps=200, progress=False), 1 if QUICK else 3)
     rows.append(("course model: 200 steps of class visualisation", "", f"{t200:.2f} s", "<= 5 s"))
-    t200b = timed(lambda: S.class_visualization(course, list(range(8)), steps=200, progress=False), 1)
+    t200b = median_seconds(lambda: S.class_visualization(course, list(range(8)), steps=200, progress=False), 1)
     rows.append(("course model: 200 steps, all 8 classes in one batch", "", f"{t200b:.2f} s", "(info)"))
 
     squeeze = lk.models.imagenet_model("squeezenet1_1")
     photo = lk.data.sample_image("cat", size=224)
     fwd_bwd(squeeze, photo)
-    base = timed(lambda: fwd_bwd(squeeze, photo, repeats=5), 3) / 5
-    step = timed(lambda: S.class_visualization(squeeze, 130, steps=5, size=224, progress=False), 3) / 5
+    base = median_seconds(lambda: fwd_bwd(squeeze, photo, repeats=5), 3) / 5
+    step = median_seconds(lambda: S.class_visualization(squeeze, 130, steps=5, size=224, progress=False), 3) / 5
     rows.append(("SqueezeNet 224 px: one step / (fwd + bwd)", f"{step * 1e3:.0f} / {base * 1e3:.0f} ms", f"{step / base:.2f}x", "<= 1.2x"))
-    tdream = timed(lambda: S.deep_dream(squeeze, photo, "features.7", steps=10, octaves=3, progress=False), 1)
+    tdream = median_seconds(lambda: S.deep_dream(squeeze, photo, "features.7", steps=10, octaves=3, progress=False), 1)
     rows.append(("SqueezeNet: DeepDream 3 octaves x 10 steps, 224 px, features.7", "", f"{tdream:.1f} s", "<= 60 s"))
-    tdream12 = timed(lambda: S.deep_dream(squeeze, photo, "features.12", steps=10, octaves=3, progress=False), 1)
+    tdream12 = median_seconds(lambda: S.deep_dream(squeeze, photo, "features.12", steps=10, octaves=3, progress=False), 1)
     rows.append(("SqueezeNet: DeepDream 3 octaves x 10 steps, 224 px, features.12", "", f"{tdream12:.1f} s", "<= 60 s"))
     print(f"\nweights: SqueezeNet {'stand-in' if squeeze.standin else 'ImageNet'}; threads {torch.get_num_threads()}")
     print(f"| {'measurement':<62} | {'times':<22} | {'result':>8} | target |")
@@ -84,7 +75,7 @@ def quality():
     classes = lk.models.class_names(course)
     targets = list(range(len(classes)))
     print("\nclass visualisation, course model, 200 steps: p(target)")
-    for label, kw in [("S_c, l2=1e-3, jitter=1", dict(objective=None, target=targets, l2=1e-3, jitter=1)),
+    for label, kw in [("S_c, l2_weight=1e-3, jitter=1", dict(objective=None, target=targets, l2_weight=1e-3, jitter=1)),
                       ("log p_c, jitter=1, blur", dict(objective=S.class_logprob(targets), jitter=1, blur_every=4,
                                                       blur_sigma=0.5))]:
         x = S.class_visualization(course, steps=200, lr=0.02, progress=False, **kw)
@@ -94,7 +85,7 @@ def quality():
 
     print("\ntotal variation per prior (star and heart, 100 steps), ratio to no prior")
     shown = [classes.index("star"), classes.index("heart")]
-    priors = {"no prior": {}, "L2 3e-3": dict(l2=3e-3), "jitter 3": dict(jitter=3),
+    priors = {"no prior": {}, "L2 3e-3": dict(l2_weight=3e-3), "jitter 3": dict(jitter=3),
               "blur every 2, sigma 0.8": dict(blur_every=2, blur_sigma=0.8), "clip norm 30%": dict(clip_value=30),
               "clip contribution 30%": dict(clip_contribution=30)}
     tv = {}
