@@ -32,7 +32,7 @@ lab: $(VENV)/.installed-lab
 	$(BIN)/lecturekit lab
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py $(if $(FAST),--fast) $(BENCH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

@@ -102,7 +102,10 @@ def _cmd_lab(args) -> int:
     except ImportError:
         print("JupyterLab is not installed: pip install 'lecturekit[lab]' (or `make lab`)", file=sys.stderr)
         return 1
-    return subprocess.call([sys.executable, "-m", "jupyter", "lab", str(root / "notebooks"), *args.extra])
+    extra = list(args.extra)
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in extra:
+        extra.append("--allow-root")  # Jupyter refuses to start as root (containers, Colab-like VMs) without it
+    return subprocess.call([sys.executable, "-m", "jupyter", "lab", str(root / "notebooks"), *extra])
 
 
 def _cmd_train(args) -> int:
@@ -202,7 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="write nothing; fail when assignments/ is out of date")
     p.set_defaults(func=_cmd_assignments)
 
-    args = parser.parse_args(argv)
+    # `lecturekit lab --no-browser --port 8899`: options argparse does not know go to jupyter lab
+    # (REMAINDER alone does not take arguments that start with a dash).
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "lab":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "lab":
+        args.extra = unknown + list(args.extra)
     return args.func(args)
 
 
