@@ -5,6 +5,7 @@
     lecturekit train [--out FILE]  reproduce the bundled course-model weights from the recipe's seed
     lecturekit grade SUBMISSION.ipynb [--json FILE]   score a submission (a folder: one CSV row each)
     lecturekit assignments [--check]                  write assignments/ from solutions/
+    lecturekit colab [--source SPEC] [--check]        the Colab install cell of every notebook
 """
 from __future__ import annotations
 
@@ -166,6 +167,27 @@ def _cmd_assignments(args) -> int:
     return 0
 
 
+def _cmd_colab(args) -> int:
+    from . import colab
+
+    root = find_root()
+    try:
+        source = colab.validate_source(args.source) if args.source else colab.configured_source(root)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.source and not args.check:
+        colab.set_configured_source(root, source)  # pyproject.toml stays the one place it is configured
+    changed = colab.rewrite_notebooks(root, source, check_only=args.check)
+    for path in changed:
+        print(f"{'out of date' if args.check else 'wrote'}: {path.relative_to(root)}")
+    if args.check and changed:
+        print(f"run `lecturekit colab` to write the install cell for {source} into them", file=sys.stderr)
+        return 1
+    print(f"{len(changed)} notebooks {'to change' if args.check else 'changed'}; Colab installs from {source}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .models import WEIGHTS_PATH
     from .training import RECIPE
@@ -204,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("assignments", help="write assignments/ from solutions/ (solution blocks -> stubs)")
     p.add_argument("--check", action="store_true", help="write nothing; fail when assignments/ is out of date")
     p.set_defaults(func=_cmd_assignments)
+
+    p = sub.add_parser("colab", help="write the Colab install cell (one source for every notebook)")
+    p.add_argument("--source", help="PyPI name, wheel URL or git URL to install from; saved as "
+                   "[tool.lecturekit] colab_source in pyproject.toml (default: the value saved there)")
+    p.add_argument("--check", action="store_true", help="write nothing; fail when a notebook's cell differs")
+    p.set_defaults(func=_cmd_colab)
 
     # `lecturekit lab --no-browser --port 8899`: options argparse does not know go to jupyter lab
     # (REMAINDER alone does not take arguments that start with a dash).
