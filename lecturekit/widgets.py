@@ -25,6 +25,7 @@ def feature_explorer(model, images, layers=None, layer=None, channel: int = 0, i
     from torch import nn
 
     from . import features as _features
+    from .plotting import mark_standin
 
     if layers is None:
         layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.ReLU))]
@@ -49,7 +50,7 @@ def feature_explorer(model, images, layers=None, layer=None, channel: int = 0, i
     def redraw(_change=None):
         view = _features.feature_view(model, images, layer_box.value, channel_slider.value,
                                       index=index_slider.value, k=k, batch_size=batch_size)
-        fig = _features.show_feature_view(view)
+        fig = mark_standin(_features.show_feature_view(view), model)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=80)
         plt.close(fig)
@@ -104,7 +105,7 @@ def occlusion_explorer(model, x, target, patch: int = 8, stride: int = 4, output
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
-    from .plotting import overlay
+    from .plotting import overlay, title_for
 
     H = x.shape[-2]
     max_patch = max_patch or H // 2
@@ -124,7 +125,7 @@ def occlusion_explorer(model, x, target, patch: int = 8, stride: int = 4, output
             axes[0].imshow(x[0].detach().cpu().permute(1, 2, 0).numpy())
             axes[0].set_title("image")
             axes[1].imshow(overlay(x[0], heat.clamp(min=0)))  # where hiding lowers the score
-            axes[1].set_title(f"occlusion, patch {patch_slider.value}, stride {stride_slider.value}")
+            axes[1].set_title(title_for(model, f"occlusion, patch {patch_slider.value}, stride {stride_slider.value}"))
             for ax in axes:
                 ax.axis("off")
             plt.show()
@@ -165,6 +166,7 @@ def prior_explorer(model, target: int = 0, steps: int = 100, lr: float = 0.02, s
     import torch
 
     from .models import class_names
+    from .plotting import title_for
     from .synthesis import total_variation
 
     names = getattr(model, "class_names", None)
@@ -195,7 +197,7 @@ def prior_explorer(model, target: int = 0, steps: int = 100, lr: float = 0.02, s
             out.clear_output(wait=True)
             fig, ax = plt.subplots(figsize=(3.2, 3.4))
             ax.imshow(image[0].permute(1, 2, 0).cpu().numpy())
-            ax.set_title(f"p = {prob:.3f}, TV = {state['tv']:.1f}", fontsize=9)
+            ax.set_title(title_for(model, f"p = {prob:.3f}, TV = {state['tv']:.1f}"), fontsize=9)
             ax.axis("off")
             plt.show()
 
