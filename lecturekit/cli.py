@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "build_course", "find_root"]
+__all__ = ["main", "build_course", "find_root", "installed_course"]
 
 
 def find_root(start: Path | None = None) -> Path:
@@ -28,6 +28,21 @@ def find_root(start: Path | None = None) -> Path:
         if (folder / "notebooks").is_dir():
             return folder
     raise SystemExit(f"no notebooks/ folder found in {here} or its parents; run this inside the course folder")
+
+
+def installed_course() -> Path | None:
+    """The copy of the course installed with the wheel (``share/lecturekit``), or None (editable install)."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("lecturekit") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        parts = file.parts
+        if parts[-1].endswith(".ipynb") and parts[-3:-1] == ("lecturekit", "notebooks") and "share" in parts:
+            return Path(file.locate()).resolve().parent.parent
+    return None
 
 
 def _notebook_title(path: Path) -> str:
@@ -89,8 +104,15 @@ def build_course(root: Path, out: Path, fast: bool = False, timeout: int = 1800,
 
 
 def _cmd_course(args) -> int:
-    root = find_root()
-    out = Path(args.out) if args.out else root / "build"
+    try:
+        root = find_root()
+        out = Path(args.out) if args.out else root / "build"
+    except SystemExit:  # outside a checkout: the notebooks installed with the wheel, built into ./build
+        root = installed_course()
+        if root is None:
+            raise
+        out = Path(args.out) if args.out else Path.cwd() / "build"
+        print(f"no notebooks/ folder here: running the notebooks installed with lecturekit ({root})")
     results = build_course(root, out, fast=args.fast, only=args.only or None)
     print(f"open {out / 'index.html'}")
     return 0 if all(r["status"] == "ok" for r in results) else 1
