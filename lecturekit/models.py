@@ -199,7 +199,7 @@ def imagenet_model(name: str = "squeezenet1_1", standin: bool | str | None = Non
         raise ValueError(f"unknown torchvision classification model {name!r}; closest: {close}") from err
     chosen = weights_enum[weights] if isinstance(weights, str) else weights
     mode = _standin_mode(standin)
-    state, reason = None, "asked for (standin=True or LECTUREKIT_STANDIN=1)"
+    state, reason = None, "standin=True or LECTUREKIT_STANDIN=1"
     if mode != "yes":
         try:
             state = _imagenet_state_dict(chosen)
