@@ -28,6 +28,7 @@ __all__ = [
     "course_model",
     "imagenet_model",
     "class_names",
+    "default_device",
     "with_normalization",
     "WEIGHTS_PATH",
     "WeightsUnavailable",
@@ -266,6 +267,23 @@ def _imagenet_state_dict(weights) -> dict:
         finally:
             socket.setdefaulttimeout(previous)
     return weights.get_state_dict(progress=False, check_hash=False)  # reads the cached file
+
+
+def default_device() -> torch.device:
+    """Where the notebooks put their models and images: the GPU when there is one, else the CPU.
+
+    ``LECTUREKIT_DEVICE`` (e.g. ``cpu``, ``cuda:1``, ``mps``) overrides the choice. Every technique
+    then runs on the device of its model and input (DESIGN.md, contract 4):
+    ``model = lk.models.course_model(device=lk.models.default_device())``, ``x = x.to(model_device)``.
+    """
+    wanted = os.environ.get("LECTUREKIT_DEVICE", "").strip()
+    if wanted:
+        try:
+            return torch.device(wanted)
+        except RuntimeError as err:
+            raise ValueError(f"expected LECTUREKIT_DEVICE to name a torch device (cpu, cuda, cuda:1, mps), "
+                             f"got {wanted!r}") from err
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def class_names(model: nn.Module) -> list[str]:

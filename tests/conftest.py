@@ -45,3 +45,13 @@ def model_state(model: nn.Module):
                   for m in model.modules()),
         forwards=[m.__dict__.get("forward") for m in model.modules()],
     )
+
+
+_NO_CUDA = "no CUDA device here: the cuda variant runs unchanged on a machine with a GPU"
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason=_NO_CUDA))])
+def device(request) -> torch.device:
+    """Every device available: cpu always, cuda where a GPU is present (skipped with a message otherwise)."""
+    return torch.device(request.param)
