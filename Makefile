@@ -22,17 +22,27 @@ $(VENV)/.installed-lab: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,lab]"
 	touch $@
 
+# The browser tests (tests/test_browser.py) run when Chromium is on the PATH; Playwright is then
+# installed into .venv (the `browser` extra). Without Chromium they are skipped, and `make test` says so.
+CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
+
+$(VENV)/.installed-browser: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,browser]"
+	touch $@
+
 course: $(STAMP)
 	$(BIN)/lecturekit course $(if $(FAST),--fast)
 
-test: $(STAMP)
+test: $(STAMP) $(if $(CHROMIUM),$(VENV)/.installed-browser)
+	@if [ -n "$(CHROMIUM)" ]; then echo "browser tests: on (Chromium at $(CHROMIUM))"; \
+	else echo "browser tests: SKIPPED, no Chromium on the PATH (apt-get install chromium); everything else runs"; fi
 	LECTUREKIT_STANDIN=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lab: $(VENV)/.installed-lab
 	$(BIN)/lecturekit lab
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/run.py $(if $(FAST),--fast) $(BENCH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache

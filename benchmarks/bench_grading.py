@@ -37,7 +37,10 @@ def trivial_notebook(folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="one repeat (benchmarks/run.py --fast)")
     args = parser.parse_args()
+    if args.quick:
+        args.repeat = 1
     with tempfile.TemporaryDirectory() as tmp:
         cases = [("overhead (one trivial exercise)", trivial_notebook(Path(tmp)))]
         for name in sorted(p.name for p in (ROOT / "solutions").glob("*.ipynb")):

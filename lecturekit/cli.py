@@ -5,6 +5,7 @@
     lecturekit train [--out FILE]  reproduce the bundled course-model weights from the recipe's seed
     lecturekit grade SUBMISSION.ipynb [--json FILE]   score a submission (a folder: one CSV row each)
     lecturekit assignments [--check]                  write assignments/ from solutions/
+    lecturekit colab [--source SPEC] [--check]        the Colab install cell of every notebook
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "build_course", "find_root"]
+__all__ = ["main", "build_course", "find_root", "installed_course"]
 
 
 def find_root(start: Path | None = None) -> Path:
@@ -27,6 +28,21 @@ def find_root(start: Path | None = None) -> Path:
         if (folder / "notebooks").is_dir():
             return folder
     raise SystemExit(f"no notebooks/ folder found in {here} or its parents; run this inside the course folder")
+
+
+def installed_course() -> Path | None:
+    """The copy of the course installed with the wheel (``share/lecturekit``), or None (editable install)."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("lecturekit") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        parts = file.parts
+        if parts[-1].endswith(".ipynb") and parts[-3:-1] == ("lecturekit", "notebooks") and "share" in parts:
+            return Path(file.locate()).resolve().parent.parent
+    return None
 
 
 def _notebook_title(path: Path) -> str:
@@ -88,8 +104,15 @@ def build_course(root: Path, out: Path, fast: bool = False, timeout: int = 1800,
 
 
 def _cmd_course(args) -> int:
-    root = find_root()
-    out = Path(args.out) if args.out else root / "build"
+    try:
+        root = find_root()
+        out = Path(args.out) if args.out else root / "build"
+    except SystemExit:  # outside a checkout: the notebooks installed with the wheel, built into ./build
+        root = installed_course()
+        if root is None:
+            raise
+        out = Path(args.out) if args.out else Path.cwd() / "build"
+        print(f"no notebooks/ folder here: running the notebooks installed with lecturekit ({root})")
     results = build_course(root, out, fast=args.fast, only=args.only or None)
     print(f"open {out / 'index.html'}")
     return 0 if all(r["status"] == "ok" for r in results) else 1
@@ -102,7 +125,10 @@ def _cmd_lab(args) -> int:
     except ImportError:
         print("JupyterLab is not installed: pip install 'lecturekit[lab]' (or `make lab`)", file=sys.stderr)
         return 1
-    return subprocess.call([sys.executable, "-m", "jupyter", "lab", str(root / "notebooks"), *args.extra])
+    extra = list(args.extra)
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in extra:
+        extra.append("--allow-root")  # Jupyter refuses to start as root (containers, Colab-like VMs) without it
+    return subprocess.call([sys.executable, "-m", "jupyter", "lab", str(root / "notebooks"), *extra])
 
 
 def _cmd_train(args) -> int:
@@ -163,6 +189,27 @@ def _cmd_assignments(args) -> int:
     return 0
 
 
+def _cmd_colab(args) -> int:
+    from . import colab
+
+    root = find_root()
+    try:
+        source = colab.validate_source(args.source) if args.source else colab.configured_source(root)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.source and not args.check:
+        colab.set_configured_source(root, source)  # pyproject.toml stays the one place it is configured
+    changed = colab.rewrite_notebooks(root, source, check_only=args.check)
+    for path in changed:
+        print(f"{'out of date' if args.check else 'wrote'}: {path.relative_to(root)}")
+    if args.check and changed:
+        print(f"run `lecturekit colab` to write the install cell for {source} into them", file=sys.stderr)
+        return 1
+    print(f"{len(changed)} notebooks {'to change' if args.check else 'changed'}; Colab installs from {source}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .models import WEIGHTS_PATH
     from .training import RECIPE
@@ -202,7 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="write nothing; fail when assignments/ is out of date")
     p.set_defaults(func=_cmd_assignments)
 
-    args = parser.parse_args(argv)
+    p = sub.add_parser("colab", help="write the Colab install cell (one source for every notebook)")
+    p.add_argument("--source", help="PyPI name, wheel URL or git URL to install from; saved as "
+                   "[tool.lecturekit] colab_source in pyproject.toml (default: the value saved there)")
+    p.add_argument("--check", action="store_true", help="write nothing; fail when a notebook's cell differs")
+    p.set_defaults(func=_cmd_colab)
+
+    # `lecturekit lab --no-browser --port 8899`: options argparse does not know go to jupyter lab
+    # (REMAINDER alone does not take arguments that start with a dash).
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "lab":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "lab":
+        args.extra = unknown + list(args.extra)
     return args.func(args)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -29,8 +28,10 @@ __all__ = [
     "course_model",
     "imagenet_model",
     "class_names",
+    "default_device",
     "with_normalization",
     "WEIGHTS_PATH",
+    "WeightsUnavailable",
     "SHAPES_MEAN",
     "SHAPES_STD",
 ]
@@ -159,14 +160,14 @@ def with_normalization(model: nn.Module, mean, std) -> nn.Module:
 
 
 def _standin_mode(standin: bool | str | None) -> str:
-    """"yes", "no" or "auto" (real weights if they can be had, stand-ins otherwise)."""
+    """"yes", "no" or "auto" (real weights if they can be had, stand-ins otherwise; the default)."""
     if standin is None:
-        standin = os.environ.get("LECTUREKIT_STANDIN", "").strip().lower()
+        standin = os.environ.get("LECTUREKIT_STANDIN", "").strip().lower() or "auto"
     if standin in (True, "1", "true", "yes"):
         return "yes"
     if standin == "auto":
         return "auto"
-    if standin in (False, "", "0", "false", "no"):
+    if standin in (False, "0", "false", "no"):
         return "no"
     raise ValueError(f"expected standin to be True, False or 'auto', got {standin!r}")
 
@@ -175,14 +176,17 @@ def imagenet_model(name: str = "squeezenet1_1", standin: bool | str | None = Non
                    weights: str = "DEFAULT", device=None) -> nn.Module:
     """A torchvision ImageNet classifier by name, in eval mode, normalisation inside, pixel-space input.
 
-    The weights come through torchvision's weights API (``weights.get_state_dict``), so a checkpoint
-    already in the torch hub cache (``torch.hub.get_dir()/checkpoints``) is used without a network.
-    Offline and without the file, it fails fast with a message naming the file and the folder.
-    ``standin=True`` (or the environment variable ``LECTUREKIT_STANDIN=1``) builds the same
-    architecture with seeded random weights instead, and says so loudly: every cell of a notebook
-    still runs, but the pictures mean nothing. ``standin="auto"`` (or ``LECTUREKIT_STANDIN=auto``,
-    what ``lecturekit course`` uses) takes the real weights when it can and stand-ins otherwise.
-    ``class_names(model)`` gives the 1,000 labels; ``model.standin`` says which weights it has.
+    The weights come through torchvision's weights API, from the torch hub cache
+    (``torch.hub.get_dir()/checkpoints``) when the checkpoint is there, downloaded into it once otherwise.
+    When they cannot be had (no network, no file), the model gets the same architecture with seeded
+    random **stand-in** weights, and one line on stderr says so: every cell of a notebook still runs,
+    but the pictures mean nothing. ``model.standin`` is then True, and
+    :func:`lecturekit.plotting.title_for` marks every figure title made with it.
+
+    ``standin``: ``"auto"`` (the default, also ``LECTUREKIT_STANDIN=auto`` or unset) as above;
+    ``True`` (or ``LECTUREKIT_STANDIN=1``, what the tests set) stand-ins without trying the network;
+    ``False`` (or ``LECTUREKIT_STANDIN=0``) the real weights or a RuntimeError naming the file and folder.
+    ``class_names(model)`` gives the 1,000 labels.
     """
     from torchvision import models as tvm
 
@@ -196,18 +200,19 @@ def imagenet_model(name: str = "squeezenet1_1", standin: bool | str | None = Non
         raise ValueError(f"unknown torchvision classification model {name!r}; closest: {close}") from err
     chosen = weights_enum[weights] if isinstance(weights, str) else weights
     mode = _standin_mode(standin)
-    state = None
+    state, reason = None, "standin=True or LECTUREKIT_STANDIN=1"
     if mode != "yes":
         try:
             state = _imagenet_state_dict(chosen)
-        except RuntimeError:
+        except WeightsUnavailable as err:
             if mode == "no":
                 raise
+            reason = err.reason
     if state is None:
-        banner = (f"STAND-IN WEIGHTS: {name} has seeded random weights, not the trained ImageNet ones. "
-                  "Every cell runs, but predictions and pictures are meaningless.")
-        print("!" * 100 + f"\n!! {banner}\n" + "!" * 100, file=sys.stderr)
-        warnings.warn(banner, stacklevel=2)
+        # One line, on stderr (red in Jupyter), instead of a banner plus a warning that repeats it.
+        print(f"!! STAND-IN WEIGHTS: {name} has seeded random weights, not the trained ImageNet ones "
+              f"({reason}); every cell runs, but its predictions and pictures are meaningless.",
+              file=sys.stderr, flush=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = tvm.get_model(name, weights=None)
@@ -224,29 +229,61 @@ def imagenet_model(name: str = "squeezenet1_1", standin: bool | str | None = Non
     return model.to(device) if device is not None else model
 
 
-def _imagenet_state_dict(weights) -> dict:
-    """Load the checkpoint through torchvision (which uses the hub cache), or fail fast and clearly."""
-    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-    filename = os.path.basename(weights.url)
-    if not (checkpoints / filename).is_file() and os.environ.get("LECTUREKIT_OFFLINE"):
-        raise RuntimeError(_offline_message(weights, checkpoints, filename, "LECTUREKIT_OFFLINE is set"))
-    import socket
+class WeightsUnavailable(RuntimeError):
+    """The ImageNet checkpoint is neither in the torch hub cache nor downloadable; ``.reason`` in a few words."""
 
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(15)  # a dead network fails within seconds, not minutes
-    try:
-        return weights.get_state_dict(progress=False, check_hash=False)
-    except OSError as err:  # URLError, timeouts, DNS failures are all OSErrors
-        raise RuntimeError(_offline_message(weights, checkpoints, filename, err)) from err
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def _offline_message(weights, folder: Path, filename: str, reason) -> str:
-    return (f"cannot load the ImageNet weights {weights}: the checkpoint file {filename} is not in the "
+    def __init__(self, weights, folder: Path, reason: str):
+        self.reason = reason
+        filename = os.path.basename(weights.url)
+        super().__init__(
+            f"cannot load the ImageNet weights {weights}: the checkpoint file {filename} is not in the "
             f"torch hub cache folder {folder} and it could not be downloaded ({reason}). Either download "
             f"{weights.url} into {folder}, or pass standin=True (or set LECTUREKIT_STANDIN=1) to run "
             "with random stand-in weights.")
+
+
+def _imagenet_state_dict(weights) -> dict:
+    """The checkpoint from the torch hub cache, downloaded into it first when missing; WeightsUnavailable if neither."""
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    filename = os.path.basename(weights.url)
+    cached = checkpoints / filename
+    if not cached.is_file():
+        if os.environ.get("LECTUREKIT_OFFLINE"):
+            raise WeightsUnavailable(weights, checkpoints, f"LECTUREKIT_OFFLINE is set; no {filename} in {checkpoints}")
+        import socket
+
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(15)  # a dead network fails within seconds, not minutes
+        try:
+            # Downloaded here rather than through torchvision, which prints "Downloading: URL" before it
+            # tries, also when it then fails. The progress bar appears only once data flows; the file
+            # is written to a temporary name and moved into place, so a failure leaves nothing behind.
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(cached), progress=True)
+        except OSError as err:  # URLError, timeouts, DNS failures are all OSErrors
+            reason = str(getattr(err, "reason", None) or err).strip()[:80] or type(err).__name__
+            raise WeightsUnavailable(weights, checkpoints, f"no network: {reason}; no {filename} in {checkpoints}") \
+                from err
+        finally:
+            socket.setdefaulttimeout(previous)
+    return weights.get_state_dict(progress=False, check_hash=False)  # reads the cached file
+
+
+def default_device() -> torch.device:
+    """Where the notebooks put their models and images: the GPU when there is one, else the CPU.
+
+    ``LECTUREKIT_DEVICE`` (e.g. ``cpu``, ``cuda:1``, ``mps``) overrides the choice. Every technique
+    then runs on the device of its model and input (DESIGN.md, contract 4):
+    ``model = lk.models.course_model(device=lk.models.default_device())``, ``x = x.to(model_device)``.
+    """
+    wanted = os.environ.get("LECTUREKIT_DEVICE", "").strip()
+    if wanted:
+        try:
+            return torch.device(wanted)
+        except RuntimeError as err:
+            raise ValueError(f"expected LECTUREKIT_DEVICE to name a torch device (cpu, cuda, cuda:1, mps), "
+                             f"got {wanted!r}") from err
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def class_names(model: nn.Module) -> list[str]:

@@ -13,7 +13,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["show_images", "show_grid", "overlay", "show_heatmaps", "moving_average", "learning_curves"]
+__all__ = ["show_images", "show_grid", "overlay", "show_heatmaps", "moving_average", "learning_curves",
+           "STANDIN_MARK", "title_for", "mark_standin"]
+
+# Appended to the title of every figure made with a stand-in ImageNet model (models.imagenet_model), so
+# that a screenshot can never pass random weights off as a result.
+STANDIN_MARK = " (stand-in weights)"
 
 
 def _to_numpy_images(images) -> np.ndarray:
@@ -157,4 +162,27 @@ def learning_curves(history, window: int = 25, title: str | None = None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def title_for(model, text: str) -> str:
+    """``text``, with :data:`STANDIN_MARK` appended when ``model`` has stand-in weights (``model.standin``).
+
+    ``ax.set_title(lk.plotting.title_for(model, "Grad-CAM, layer4"))``
+    """
+    if getattr(model, "standin", False) and not text.endswith(STANDIN_MARK):
+        return text + STANDIN_MARK
+    return text
+
+
+def mark_standin(fig, model):
+    """Mark a finished figure made with ``model``: its suptitle gets :data:`STANDIN_MARK` (in red when
+    the figure had none). A figure of a model with real weights is returned unchanged."""
+    if not getattr(model, "standin", False):
+        return fig
+    current = fig._suptitle.get_text() if fig._suptitle is not None else ""  # Figure.get_suptitle needs mpl 3.8
+    if current:
+        fig.suptitle(title_for(model, current))
+    else:
+        fig.suptitle(STANDIN_MARK.strip(" ()"), color="tab:red")
     return fig

@@ -37,6 +37,7 @@ def feature_explorer(model: nn.Module, x: torch.Tensor, layers: list[Layer] | No
     from torch import nn
 
     from . import features as _features
+    from .plotting import mark_standin
 
     if layers is None:
         layers = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.ReLU))]
@@ -61,7 +62,7 @@ def feature_explorer(model: nn.Module, x: torch.Tensor, layers: list[Layer] | No
     def redraw(_change=None):
         view = _features.feature_view(model, x, layer_box.value, channel_slider.value,
                                       index=index_slider.value, k=k, batch_size=batch_size)
-        fig = _features.show_feature_view(view)
+        fig = mark_standin(_features.show_feature_view(view), model)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=80)
         plt.close(fig)
@@ -116,7 +117,7 @@ def occlusion_explorer(model: nn.Module, x: torch.Tensor, target: Target, patch:
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
-    from .plotting import overlay
+    from .plotting import overlay, title_for
 
     H = x.shape[-2]
     max_patch = max_patch or H // 2
@@ -136,7 +137,7 @@ def occlusion_explorer(model: nn.Module, x: torch.Tensor, target: Target, patch:
             axes[0].imshow(x[0].detach().cpu().permute(1, 2, 0).numpy())
             axes[0].set_title("image")
             axes[1].imshow(overlay(x[0], heat.clamp(min=0)))  # where hiding lowers the score
-            axes[1].set_title(f"occlusion, patch {patch_slider.value}, stride {stride_slider.value}")
+            axes[1].set_title(title_for(model, f"occlusion, patch {patch_slider.value}, stride {stride_slider.value}"))
             for ax in axes:
                 ax.axis("off")
             plt.show()
@@ -178,6 +179,7 @@ def prior_explorer(model: nn.Module, target: Target = 0, steps: int = 100, lr: f
     import torch
 
     from .models import class_names
+    from .plotting import title_for
     from .synthesis import total_variation
 
     names = getattr(model, "class_names", None)
@@ -208,7 +210,7 @@ def prior_explorer(model: nn.Module, target: Target = 0, steps: int = 100, lr: f
             out.clear_output(wait=True)
             fig, ax = plt.subplots(figsize=(3.2, 3.4))
             ax.imshow(image[0].permute(1, 2, 0).cpu().numpy())
-            ax.set_title(f"p = {prob:.3f}, TV = {state['tv']:.1f}", fontsize=9)
+            ax.set_title(title_for(model, f"p = {prob:.3f}, TV = {state['tv']:.1f}"), fontsize=9)
             ax.axis("off")
             plt.show()
 

@@ -52,3 +52,13 @@ def linear_model(H=6, W=6, K=3, seed=0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.Sequential(nn.Flatten(), nn.Linear(3 * H * W, K)).double()
+
+
+_NO_CUDA = "no CUDA device here: the cuda variant runs unchanged on a machine with a GPU"
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                          reason=_NO_CUDA))])
+def device(request) -> torch.device:
+    """Every device available: cpu always, cuda where a GPU is present (skipped with a message otherwise)."""
+    return torch.device(request.param)
