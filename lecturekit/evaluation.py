@@ -243,7 +243,7 @@ def randomisation_check(method, model: nn.Module, x: torch.Tensor, target: Targe
     original = method(model, x, target, **kwargs).detach()
     shadow = copy.deepcopy(model)  # the model passed in is never touched
     modules = dict(shadow.named_modules())
-    correlation = torch.empty(len(layers), len(x))
+    correlation = torch.empty(len(layers), len(x), device=x.device)  # (L, N), on the input's device (contract 4)
     maps = []
     with preserved(shadow):
         for l, name in enumerate(layers):
