@@ -71,27 +71,27 @@ What a graded cell itself imports (``exercise()``, the checks) is ``lecturekit.g
 from __future__ import annotations
 
 import ast
-import base64
 import contextlib
 import copy
 import csv
-import hashlib
 import importlib
 import io
 import json
 import linecache
 import os
-import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .grading import MIME as MIME_KEY  # the display type that carries a graded cell's answers
 
 __all__ = [
     "make_assignment", "assignment_text", "write_assignments", "solution_blocks",
@@ -283,6 +283,7 @@ class Key:
     references: dict
     withheld: tuple
     blocks: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)  # exercise id -> {withheld function: its public source}
     _package: Path | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -538,7 +539,18 @@ def load_key(against, solution=None, env: dict | None = None) -> Key:
         if not any(r["check"] in ("close", "shape", "tensor") for rs in per_cell for r in rs):
             raise ValueError(f"the graded cell of {ex_id!r} compares no value (check_close, check_shape or "
                              "check_tensor): a grade cannot rest on checks the student's kernel evaluates")
-    return Key(name, points, cells, references, withheld, _exercise_blocks(solved))
+    sources = {ex_id: {f: _public_source(f) for f in withheld_functions(cs)} for ex_id, cs in cells.items()}
+    return Key(name, points, cells, references, withheld, _exercise_blocks(solved), sources)
+
+
+def _public_source(full: str) -> str:
+    """The source of a lecturekit function (what any student can read), for the similarity report."""
+    import inspect
+
+    module, _, name = full.rpartition(".")
+    with contextlib.suppress(Exception):
+        return inspect.getsource(getattr(importlib.import_module(module), name))
+    return ""
 
 
 def _exercise_blocks(nb) -> dict[str, str]:
@@ -648,7 +660,7 @@ def sandbox_available() -> tuple[bool, str]:
 
 @dataclass
 class _Limits:
-    memory: int = 3 * 2**30  # RLIMIT_DATA per process (heap and private mappings), bytes
+    memory: int = 2 * 2**30  # RLIMIT_DATA per process (heap and private mappings); a kernel with torch uses ~1 GiB
     processes: int = 256  # processes and threads of the sandbox's uid
     file_size: int = 256 * 2**20  # largest file a submission may write
     cpu: int = 900  # CPU seconds per process
@@ -866,7 +878,6 @@ def _run_cells(nb, graded: set[int], command, ipc: Path, cwd: Path, kernel_log: 
         context.destroy(linger=0)
 
 
-MIME_KEY = "application/vnd.lecturekit.answer+json"
 
 
 def _restore(nb, key: Key) -> tuple[set[int], dict[str, list[int]], list[str]]:
@@ -897,8 +908,6 @@ def _restore(nb, key: Key) -> tuple[set[int], dict[str, list[int]], list[str]]:
 
 def _judge(key: Key, ex_id: str, runs: list[_CellRun | None], status: str) -> Exercise:
     """Compare one exercise's values (from the kernel) with the key's references, in this process."""
-    from . import grading
-
     points = key.points[ex_id]
     fail = lambda message: Exercise(ex_id, 0.0, points, False, _short(message))  # noqa: E731
     for run, references in zip(runs, key.references[ex_id]):
@@ -1052,7 +1061,7 @@ def _grade(raw: bytes, label: str, key: Key, cell_timeout: float, timeout: float
             exercises.append(Exercise(ex_id, 0.0, key.points[ex_id], False, "graded cell missing"))
             continue
         exercises.append(_judge(key, ex_id, [runs.get(i) for i in indices], status))
-    text = "".join(log)[-LOG_BYTES:]
+    text = _ANSI.sub("", "".join(log))[-LOG_BYTES:]
     if notes:
         text = (text + "\n" + "\n".join(notes))[-LOG_BYTES:]
     return Report(label, sum(e.points for e in exercises), sum(e.max_points for e in exercises), exercises,
@@ -1097,7 +1106,7 @@ def report_filename(student: str) -> str:
 
 
 def grade_folder(folder, against=None, jobs: int = 1, out=None, solution=None, on_report=None,
-                 **kwargs) -> dict[str, Report]:
+                 similarity: bool = False, **kwargs) -> dict[str, Report]:
     """Grade every notebook under ``folder``: ``{student: Report}`` (``alice/01_...`` per subfolder).
 
     Every submission is read into memory first (a later change on disk changes nothing); the key is
@@ -1105,6 +1114,7 @@ def grade_folder(folder, against=None, jobs: int = 1, out=None, solution=None, o
     Submissions are graded ``jobs`` at a time; with ``out``, each report is written there atomically
     (``report_filename``) as soon as it is graded, and ``COMPLETE`` when every one is. A notebook that
     cannot be read or graded gets a report that says why. Ctrl-C stops every kernel and re-raises.
+    ``similarity`` (with ``out``): also write ``out/similarity.csv`` (``similarity_report``).
     """
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -1177,6 +1187,12 @@ def grade_folder(folder, against=None, jobs: int = 1, out=None, solution=None, o
             for key in keys.values():
                 key.close()
     reports = {s: reports[s] for s in submissions}
+    if out is not None and similarity:
+        rows = []
+        for ident, key in ({"": against} if isinstance(against, Key) else keys).items():
+            mine = {s: c for s, (n, c) in submissions.items() if isinstance(c, bytes) and key_for(n) is key}
+            rows += similarity_report(mine, key)
+        _write_atomically(out / "similarity.csv", similarity_csv(rows))
     if out is not None:
         _write_atomically(out / "COMPLETE", json.dumps({"students": len(reports), "time": time.time()}) + "\n")
     return reports
@@ -1213,4 +1229,106 @@ def reports_to_csv(reports: dict[str, Report]) -> str:
         writer.writerow([_cell(student), _cell(report.notebook),
                          *(f"{points[i]:g}" if i in points else "" for i in ids),
                          f"{report.score:g}", f"{report.max_score:g}"])
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Similarity: solution code near-identical to the public reference, the instructor's solution or a classmate's
+# ---------------------------------------------------------------------------------------------------
+
+def code_tokens(code: str) -> list[str]:
+    """Python tokens of ``code`` with comments, docstrings and layout dropped and local names made equal.
+
+    Keywords, operators, numbers and attribute names (after a dot) stay; every other name becomes
+    ``_``, so that renaming variables does not hide a copy.
+    """
+    import keyword
+    import tokenize
+
+    tokens, previous = [], ""
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(code).readline):
+            if tok.type in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                            tokenize.ENDMARKER, tokenize.STRING):
+                continue
+            text = tok.string
+            if tok.type == tokenize.NAME and not keyword.iskeyword(text) and previous != ".":
+                text = "_"
+            tokens.append(text)
+            previous = tok.string
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        tokens = code.split()
+    return tokens
+
+
+def _student_code(nb, key: Key) -> dict[str, str]:
+    """exercise id -> the code a student wrote for it: lines of the code cells since the previous graded
+    cell that are not in the assignment's scaffold (the official graded cells and the stubs)."""
+    scaffold = {line.strip() for cs in key.cells.values() for c in cs for line in c.source.splitlines()}
+    scaffold |= {s.strip() for s in STUB}
+    code, pending = {}, []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        match = _EXERCISE.search(cell.source)
+        if match and match.group(1) in key.cells:
+            code[match.group(1)] = code.get(match.group(1), "") + "\n".join(pending)
+            pending = []
+        else:
+            pending += [line for line in cell.source.splitlines() if line.strip() not in scaffold]
+    return code
+
+
+def _body(source: str) -> str:
+    """A function's source without its signature and docstring (what a student would copy)."""
+    try:
+        tree = ast.parse(textwrap.dedent(source))
+        fn = tree.body[0]
+        body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body
+        return "\n".join(ast.unparse(node) for node in body)
+    except Exception:
+        return source
+
+
+def similarity_report(submissions: dict, key: Key, threshold: float = 0.9, min_tokens: int = 25) -> list[dict]:
+    """Pairs of near-identical solution code, for a person to look at (nothing is penalised).
+
+    ``submissions``: student -> notebook (bytes, path or notebook). For each exercise, each student's
+    code (``_student_code``) is compared with the public source of the withheld functions, the
+    instructor's solution and every other student's code: ``difflib`` ratio over ``code_tokens``
+    (names normalised). Rows ``{"exercise", "student", "similar_to", "ratio"}`` with ratio >=
+    ``threshold``, for code of at least ``min_tokens`` tokens (short answers are alike by nature).
+    """
+    import difflib
+
+    codes = {}
+    for student, notebook in submissions.items():
+        with contextlib.suppress(Exception):
+            codes[student] = _student_code(_read_notebook(notebook), key)
+    rows = []
+    for ex_id in key.points:
+        others = {f"public source of {name}": code_tokens(_body(src)) for name, src in key.sources.get(ex_id, {}).items()}
+        others["the instructor's solution"] = code_tokens(key.blocks.get(ex_id, ""))
+        mine = {s: code_tokens(c.get(ex_id, "")) for s, c in codes.items()}
+        students = sorted(mine)
+        for n, student in enumerate(students):
+            tokens = mine[student]
+            if len(tokens) < min_tokens:
+                continue
+            candidates = {**others, **{s: mine[s] for s in students[n + 1:]}}
+            for other, theirs in candidates.items():
+                if len(theirs) < min_tokens:
+                    continue
+                ratio = difflib.SequenceMatcher(None, tokens, theirs, autojunk=False).ratio()
+                if ratio >= threshold:
+                    rows.append({"exercise": ex_id, "student": student, "similar_to": other, "ratio": round(ratio, 3)})
+    return sorted(rows, key=lambda r: (-r["ratio"], r["exercise"], r["student"]))
+
+
+def similarity_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["exercise", "student", "similar_to", "ratio"])
+    for row in rows:
+        writer.writerow([_cell(row["exercise"]), _cell(row["student"]), _cell(row["similar_to"]), row["ratio"]])
     return buffer.getvalue()
