@@ -817,6 +817,10 @@ def _run_cells(nb, graded: set[int], command, ipc: Path, cwd: Path, kernel_log: 
             with contextlib.suppress(OSError):
                 log.append(kernel_log.read_bytes()[-LOG_BYTES // 2:].decode("utf-8", "replace"))
             return runs, f"not run: the kernel did not start ({_short(err, 200)})"
+        # Part of starting the kernel, not of the first cell's time limit: import torch and lecturekit.
+        kc.execute_interactive("import torch, lecturekit.grading", silent=True, store_history=False,
+                               timeout=max(5.0, min(120.0, deadline - time.monotonic())),
+                               output_hook=lambda msg: None)
         for i, cell in enumerate(nb.cells):
             if cell.cell_type != "code" or not cell.source.strip():
                 continue
