@@ -45,3 +45,10 @@ def model_state(model: nn.Module):
                   for m in model.modules()),
         forwards=[m.__dict__.get("forward") for m in model.modules()],
     )
+
+
+def linear_model(H=6, W=6, K=3, seed=0):
+    """S = W x + b: every gradient and every occlusion drop can be written down."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * H * W, K)).double()

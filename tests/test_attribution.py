@@ -6,15 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import model_state, tiny_net
+from conftest import linear_model, model_state, tiny_net
 from lecturekit import attribution as A
 from lecturekit.models import course_model
-
-
-def linear_model(H=6, W=6, K=3, seed=0):
-    """S = W x + b: every gradient and every occlusion drop can be written down."""
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(3 * H * W, K)).double()
 
 
 @pytest.fixture(scope="module")
@@ -401,36 +395,3 @@ def test_inplace_and_out_of_place_relus_give_the_same_maps():
         assert torch.allclose(method(a, x, 1), method(b, x, 1))
     assert torch.allclose(A.grad_cam(a, x, 1, "3"), A.grad_cam(b, x, 1, "3"))
     assert torch.allclose(A.grad_cam(a, x, 1, "1"), A.grad_cam(b, x, 1, "1"))
-
-
-# ---- the occlusion explorer (widgets) ----------------------------------------------------------------------
-
-def test_occlusion_view_is_occlusion_of_one_image():
-    from lecturekit.widgets import occlusion_view
-
-    net = linear_model(H=8, W=8)
-    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
-    expected = A.occlusion(net, x, 0, patch=3, stride=2, output="prob", progress=False)[0]
-    assert torch.allclose(occlusion_view(net, x, 0, patch=3, stride=2), expected)
-    with pytest.raises(ValueError, match="one image"):
-        occlusion_view(net, torch.rand(2, 3, 8, 8, dtype=torch.float64), 0)
-
-
-def test_moving_a_slider_recomputes_the_map():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from lecturekit.widgets import occlusion_explorer
-
-    net = linear_model(H=8, W=8)
-    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
-    box = occlusion_explorer(net, x, 1, patch=2, stride=1)
-    patch, stride = box.sliders
-    first = box.state["map"]
-    assert box.state["patch"] == 2
-    patch.value = 4
-    assert box.state["patch"] == 4 and not torch.allclose(box.state["map"], first)
-    stride.value = 3
-    assert box.state["stride"] == 3
-    expected = A.occlusion(net, x, 1, patch=4, stride=3, output="prob", progress=False)[0]
-    assert torch.allclose(box.state["map"], expected)

@@ -290,28 +290,6 @@ def test_every_class_visualization_reaches_its_class(course):
     assert (p >= 0.99).all(), p
 
 
-# ---- the widget -------------------------------------------------------------------------------------
-
-
-def test_prior_explorer_redraws_when_a_slider_moves(untrained, monkeypatch):
-    from lecturekit import widgets
-
-    image = widgets.prior_view(untrained, 2, l2_weight=0.01, blur_sigma=0.5, steps=3)
-    assert image.shape == (1, 3, 64, 64)
-    assert torch.equal(image, S.class_visualization(untrained, 2, steps=3, lr=0.02, l2_weight=0.01, blur_every=4,
-                                                    blur_sigma=0.5, progress=False))
-    calls = []
-    real = widgets.prior_view
-    monkeypatch.setattr(widgets, "prior_view", lambda *a, **k: calls.append(k) or real(*a, **k))
-    box = widgets.prior_explorer(untrained, target=1, steps=2)
-    assert len(calls) == 1 and box.state["target"] == 1
-    box.sliders["blur_sigma"].value = 1.0
-    assert len(calls) == 2 and calls[-1]["blur_sigma"] == 1.0 and box.state["blur_sigma"] == 1.0
-    box.sliders["l2_weight_on"].value = True
-    assert calls[-1]["l2_weight"] == box.sliders["l2_weight"].value > 0
-    assert 0 <= box.state["prob"] <= 1 and box.state["image"].shape == (1, 3, 64, 64)
-
-
 def test_class_visualization_is_ascent_step_repeated(untrained):
     """The pixel parameterisation is ascent_step in a loop (jitter and clipping off): same images."""
     x = torch.full((1, 3, 64, 64), S.GREY)
