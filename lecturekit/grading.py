@@ -24,6 +24,7 @@ Notebooks: assignments/01_which_pixels_matter, assignments/02_synthesizing_image
 from __future__ import annotations
 
 import base64
+import contextlib
 import contextvars
 import re
 import warnings
@@ -136,8 +137,9 @@ def encode_answer(value) -> dict:
         import torch
     except ImportError:  # pragma: no cover - every graded kernel has torch
         torch = None
-    if isinstance(value, Withheld):
-        return {"type": "withheld", "name": object.__getattribute__(value, "_name")}
+    if isinstance(value, Withheld) or type(value).__name__ == "Withheld":  # also from a reloaded module
+        with contextlib.suppress(Exception):
+            return {"type": "withheld", "name": str(object.__getattribute__(value, "_name"))}
     if torch is not None and type(value) is torch.Tensor or (torch is not None and isinstance(value, torch.Tensor)):
         t = value.detach().cpu()
         if t.dtype == torch.bfloat16:
