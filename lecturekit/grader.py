@@ -205,6 +205,7 @@ MESSAGE_CHARS = 400  # a message in a report is at most this long
 LOG_BYTES = 20_000  # how much of a submission's printed output a report keeps (its tail)
 SUBMISSION_BYTES = 64 * 2**20  # a larger notebook is not graded ("too large")
 ANSWERS_PER_CELL = 2000  # values one graded cell may send
+ANSWER_BUDGET = 256 * 2**20  # bytes of values one submission may send in all (more are dropped, so they fail)
 
 
 def graded_cells(nb) -> dict[int, tuple[str, float]]:
@@ -705,7 +706,10 @@ def _sandbox_command(command, box: Path, ipc: Path, package: Path, env: dict, li
     mounted at its own path for the kernel's sockets); ``package`` (the withheld copy of lecturekit)
     is read-only at /opt. ``uid`` (when the grader runs as root): the unprivileged uid it runs as.
     """
-    args = [shutil.which("prlimit") or "prlimit", f"--data={limits.memory}", f"--nproc={limits.processes}",
+    # RLIMIT_NPROC counts every task of the uid: a dedicated uid (root grader) gets the limit itself; an
+    # ordinary user's sandbox gets it on top of the tasks that user already runs.
+    nproc = limits.processes if uid is not None else limits.processes + _tasks_of(os.getuid())
+    args = [shutil.which("prlimit") or "prlimit", f"--data={limits.memory}", f"--nproc={nproc}",
             f"--fsize={limits.file_size}", f"--cpu={limits.cpu}", "--core=0", "--nofile=1024", "--",
             _bwrap() or "bwrap", "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net",
             "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
@@ -735,6 +739,18 @@ def _sandbox_command(command, box: Path, ipc: Path, package: Path, env: dict, li
         args += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
                  "--bounding-set=-all", "--"]
     return args + list(command)
+
+
+def _tasks_of(uid: int) -> int:
+    """How many tasks (threads) run as ``uid`` now (Linux /proc)."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, StopIteration):
+                lines = (entry / "status").read_text().splitlines()
+                if int(next(line for line in lines if line.startswith("Uid:")).split()[1]) == uid:
+                    count += int(next(line for line in lines if line.startswith("Threads:")).split()[1])
+    return count
 
 
 def _kernel_env(home: str, package: str, env: dict | None) -> dict:
@@ -796,8 +812,7 @@ def _run_cells(nb, graded: set[int], command, ipc: Path, cwd: Path, kernel_log: 
 
     km, context = _kernel_manager(command, ipc, uid)
     runs: dict[int, _CellRun] = {}
-    stopped = ""
-    kept = [0]
+    kept, received = [0], [0]  # characters of log kept, bytes of answers received
 
     def keep(text: str) -> None:
         log.append(text)
@@ -818,9 +833,12 @@ def _run_cells(nb, graded: set[int], command, ipc: Path, cwd: Path, kernel_log: 
                 log.append(kernel_log.read_bytes()[-LOG_BYTES // 2:].decode("utf-8", "replace"))
             return runs, f"not run: the kernel did not start ({_short(err, 200)})"
         # Part of starting the kernel, not of the first cell's time limit: import torch and lecturekit.
-        kc.execute_interactive("import torch, lecturekit.grading", silent=True, store_history=False,
-                               timeout=max(5.0, min(120.0, deadline - time.monotonic())),
-                               output_hook=lambda msg: None)
+        try:
+            kc.execute_interactive("import torch, lecturekit.grading", silent=True, store_history=False,
+                                   timeout=max(5.0, min(120.0, deadline - time.monotonic())),
+                                   output_hook=lambda msg: None)
+        except (TimeoutError, RuntimeError) as err:
+            return runs, f"not run: the kernel did not start ({_short(err, 200)})"
         for i, cell in enumerate(nb.cells):
             if cell.cell_type != "code" or not cell.source.strip():
                 continue
@@ -860,8 +878,10 @@ def _run_cells(nb, graded: set[int], command, ipc: Path, cwd: Path, kernel_log: 
                 elif kind in ("display_data", "execute_result", "update_display_data"):
                     data = content.get("data", {})
                     if i in graded and isinstance(data, dict) and MIME_KEY in data:
-                        if len(run.answers) < ANSWERS_PER_CELL:
+                        size = len(json.dumps(data[MIME_KEY]))
+                        if len(run.answers) < ANSWERS_PER_CELL and received[0] + size <= ANSWER_BUDGET:
                             run.answers.append(data[MIME_KEY])
+                            received[0] += size
                 elif kind == "error":
                     if not interrupted:  # a KeyboardInterrupt the student raised is the student's error
                         run.error = f"{content.get('ename')}: {content.get('evalue')}"

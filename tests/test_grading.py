@@ -1,4 +1,6 @@
-"""The grader is proven: checks, the assignment generator, the nbval grader and the catalogue of wrong answers.
+"""The grader is proven: checks, the assignment generator, the grader and the catalogue of wrong answers.
+
+(The attacks of a dishonest submission have their own catalogue: tests/test_grader_attacks.py.)
 
 Fast tests first (check helpers, generator), then grader runs. Grader runs are the slow part: every
 notebook that needs grading is graded once, two at a time, by the session fixtures below, and the
