@@ -40,7 +40,7 @@ def folder_of_submissions(folder: Path, n: int) -> None:
         text = (solution, assignment, None)[k % 3]
         if text is None:  # a known wrong answer in one exercise
             nb = nbformat.reads(solution, as_version=4)
-            old, new = WRONG_A1[k % len(WRONG_A1)]
+            old, new = WRONG_A1[(k // 3) % len(WRONG_A1)]
             for cell in nb.cells:
                 cell.source = cell.source.replace(old, new)
             text = nbformat.writes(nb)
@@ -53,12 +53,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--folder", type=int, default=30, help="submissions in the folder run (0: skip)")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--only-folder", action="store_true", help="skip the one-assignment table")
     args = parser.parse_args()
     ok, why = grader.sandbox_available()
     if not ok:
         sys.exit(f"no sandbox: {why}")
     rows = []
-    for name in sorted(p.name for p in (ROOT / "assignments").glob("*.ipynb")):
+    for name in [] if args.only_folder else sorted(p.name for p in (ROOT / "assignments").glob("*.ipynb")):
         key_s, key = timed(lambda: grader.load_key(ROOT / "assignments" / name), args.repeat)
         for kind in ("solutions", "assignments"):
             seconds, report = timed(lambda: grader.grade(ROOT / kind / name, against=key), args.repeat)
@@ -83,6 +84,9 @@ def main() -> None:
                                           out=Path(tmp) / "reports", similarity=True)
             seconds = time.perf_counter() - start
         scores = sorted({r.score for r in reports.values()})
+        for student, report in reports.items():
+            if report.score not in (0, 8, 10):  # not a solution, an assignment or one wrong exercise
+                print(student, [(e.id, e.message[:120]) for e in report.exercises if not e.passed])
         print(f"\nfolder of {len(reports)} submissions of {A1}, --jobs {args.jobs}: {seconds:.0f} s "
               f"({seconds / 60:.1f} min, target <= {FOLDER_TARGET_S / 60:.0f} min: "
               f"{'ok' if seconds <= FOLDER_TARGET_S else 'SLOW'}); scores seen {scores}")

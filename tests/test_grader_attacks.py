@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -222,19 +223,22 @@ def batch(tmp_path_factory):
     for name, content in MALFORMED.items():
         (folder / f"{name}.ipynb").write_bytes(content)
     package = sorted(Path(lecturekit.__file__).parent.rglob("*.py"))
-    before = dict(files=_digest([*package, against, *(folder / f"{v}.ipynb" for v in VICTIMS)]),
-                  scratch=set(Path(grader.tempfile.gettempdir()).glob("lecturekit-grade-*")))
+    private = root / "scratch"  # the grader's scratch folders go here, not to the shared /tmp
+    private.mkdir()
+    before = dict(files=_digest([*package, against, *(folder / f"{v}.ipynb" for v in VICTIMS)]))
     key = grader.load_key(against)
     start = time.perf_counter()
+    saved, tempfile.tempdir = tempfile.tempdir, str(private)
     try:
         results = grader.grade_folder(folder, against=key, jobs=2, out=reports, cell_timeout=30, timeout=120)
     finally:
+        tempfile.tempdir = saved
         done.set()
         key.close()
     seconds = time.perf_counter() - start
     time.sleep(1.0)  # a daemon that survived would have written by now
     after = dict(files=_digest([*package, against, *(folder / f"{v}.ipynb" for v in VICTIMS)]),
-                 scratch=set(Path(grader.tempfile.gettempdir()).glob("lecturekit-grade-*")))
+                 scratch=sorted(private.iterdir()))
     on_disk = {p.stem: json.loads(p.read_text()) for p in reports.glob("*.json")}
     return dict(results=results, seconds=seconds, before=before, after=after, marker=marker, received=received,
                 reports=reports, on_disk=on_disk, home=home, root=root)
@@ -293,7 +297,7 @@ def test_the_batch_completes_with_a_report_for_every_notebook(batch):
 def test_nothing_survives_outside_the_scratch_folders(batch):
     marker = batch["marker"]
     assert batch["before"]["files"] == batch["after"]["files"]  # package, key and victims' notebooks unchanged
-    assert batch["after"]["scratch"] <= batch["before"]["scratch"]  # every scratch folder removed
+    assert batch["after"]["scratch"] == []  # every scratch folder removed
     assert not _marked(marker)  # no daemon left running
     assert batch["received"] == []  # no connection reached the host
     leftovers = [p for p in (*Path("/tmp").glob(f"*{marker}*"), *batch["root"].rglob(f"*{marker}*"),
@@ -317,17 +321,22 @@ def test_an_interrupted_batch_keeps_the_reports_written_and_no_marker(tmp_path):
         seen.append(report)
         raise KeyboardInterrupt
 
-    scratch = set(Path(grader.tempfile.gettempdir()).glob("lecturekit-grade-*"))
-    with pytest.raises(KeyboardInterrupt):
-        grader.grade_folder(folder, against=key, jobs=2, out=tmp_path / "reports", on_report=interrupt)
-    key.close()
+    private = tmp_path / "scratch"
+    private.mkdir()
+    saved, tempfile.tempdir = tempfile.tempdir, str(private)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            grader.grade_folder(folder, against=key, jobs=2, out=tmp_path / "reports", on_report=interrupt)
+    finally:
+        tempfile.tempdir = saved
+        key.close()
     assert len(seen) == 1 and seen[0].score == 2
     written = list((tmp_path / "reports").glob("*.json"))
     assert len(written) == 1 and json.loads(written[0].read_text())["score"] == 2
     assert not (tmp_path / "reports" / "COMPLETE").exists()
     for path in (tmp_path / "reports").glob("*.json"):
         assert "time limit" not in path.read_text()
-    assert set(Path(grader.tempfile.gettempdir()).glob("lecturekit-grade-*")) <= scratch
+    assert list(private.iterdir()) == []  # every kernel stopped, every scratch folder removed
 
 
 def test_similarity_report_lists_copies_not_honest_variants(tmp_path):

@@ -227,7 +227,8 @@ def synthetic(tmp_path_factory):
             "slow": (slow, dict(against=keys["hw"], cell_timeout=600, timeout=30)),
             "dies": (folder / "dies.ipynb", dict(against=keys["hw"], cell_timeout=20, timeout=60)),
             "cheat": (folder / "cheat.ipynb", dict(against=keys["hw"]))}
-    scratch = lambda: sorted(Path(tempfile.gettempdir()).glob("lecturekit-grade-*"))  # noqa: E731
+    private = tmp_path_factory.mktemp("scratch")  # the grader's scratch folders go here, not to the shared /tmp
+    scratch = lambda: sorted(private.glob("lecturekit-grade-*"))  # noqa: E731
     files_before = sorted(p.name for p in folder.rglob("*")), sorted(os.listdir(os.getcwd())), scratch()
 
     def run(item):
@@ -235,8 +236,12 @@ def synthetic(tmp_path_factory):
         start = time.perf_counter()
         return grader.grade(path, **kwargs), time.perf_counter() - start
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(jobs, pool.map(run, jobs.values())))
+    saved, tempfile.tempdir = tempfile.tempdir, str(private)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = dict(zip(jobs, pool.map(run, jobs.values())))
+    finally:
+        tempfile.tempdir = saved
     files_after = sorted(p.name for p in folder.rglob("*")), sorted(os.listdir(os.getcwd())), scratch()
     return dict(results, files=(files_before, files_after), folder=folder, keys=keys, hw=hw)
 
