@@ -297,7 +297,7 @@ class Key:
 
     def close(self) -> None:
         if self._package is not None:
-            shutil.rmtree(self._package, ignore_errors=True)
+            shutil.rmtree(self._package.parent, ignore_errors=True)  # <tmp>/lecturekit-key-*/site
             self._package = None
 
     def __del__(self):
