@@ -1,12 +1,13 @@
-"""Grading benchmark (issue 6): seconds to grade one assignment with ``lecturekit grade``; target <= 60 s.
+"""Grading benchmark (issues 6 and 14): seconds to grade one assignment, and a folder of 30, in the sandbox.
 
-    python benchmarks/bench_grading.py [--repeat 2]
+    python benchmarks/bench_grading.py [--repeat 1] [--folder 30] [--jobs 2]
 
-For each assignment: the solution (every cell runs, full marks) and the untouched assignment (every
-exercise fails fast), each graded end to end in a fresh subprocess as ``lecturekit grade`` does
-(pytest + nbval + a new kernel, one torch thread, LECTUREKIT_FAST=1). The overhead row grades a
-notebook with one trivial exercise: the fixed cost of starting pytest, nbval and a kernel, so the
-difference is what the assignment's own cells cost. Best of ``--repeat`` runs, measured alternately.
+Targets: one assignment graded end to end (the answer key built from the solution in the grader's
+process, then the submission run in a fresh bubblewrap sandbox and kernel, one torch thread,
+``LECTUREKIT_FAST=1``) in at most 60 s; a folder of 30 submissions of assignment 1 with ``--jobs 2``
+(solutions, untouched assignments and known wrong answers, a third each; one key) in at most 15 min.
+For each assignment the table shows the key and each grade separately; "one assignment" is key +
+the solution's grade (what ``lecturekit grade sub.ipynb`` costs). Best of ``--repeat`` runs.
 """
 import argparse
 import os
@@ -18,48 +19,80 @@ from pathlib import Path
 import nbformat
 
 os.environ.setdefault("LECTUREKIT_STANDIN", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import timed  # noqa: E402
 
 from lecturekit import grader  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET_S = 60.0
+ONE_TARGET_S, FOLDER_TARGET_S = 60.0, 15 * 60.0
+A1 = "01_which_pixels_matter.ipynb"
+WRONG_A1 = [("return grad.abs().amax(1)", "return grad.abs().mean(1)"),
+            ("(s0 - s)[:, None, None]", "(s - s0)[:, None, None]"),
+            ("return torch.relu((alpha * A).sum(1)).detach()", "return (alpha * A).sum(1).detach()")]
 
 
-def trivial_notebook(folder: Path) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("from lecturekit import grading"),
-                nbformat.v4.new_code_cell("grading.exercise('trivial', points=1)\ngrading.check(True, '')")]
-    path = folder / "trivial.ipynb"
-    nbformat.write(nb, path)
-    return path
+def folder_of_submissions(folder: Path, n: int) -> None:
+    solution = (ROOT / "solutions" / A1).read_text(encoding="utf-8")
+    assignment = (ROOT / "assignments" / A1).read_text(encoding="utf-8")
+    for k in range(n):
+        text = (solution, assignment, None)[k % 3]
+        if text is None:  # a known wrong answer in one exercise
+            nb = nbformat.reads(solution, as_version=4)
+            old, new = WRONG_A1[(k // 3) % len(WRONG_A1)]
+            for cell in nb.cells:
+                cell.source = cell.source.replace(old, new)
+            text = nbformat.writes(nb)
+        (folder / f"student{k:02d}").mkdir()
+        (folder / f"student{k:02d}" / A1).write_text(text, encoding="utf-8")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="one repeat (benchmarks/run.py --fast)")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--folder", type=int, default=30, help="submissions in the folder run (0: skip)")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--only-folder", action="store_true", help="skip the one-assignment table")
+    parser.add_argument("--quick", action="store_true", help="a folder of 4 (benchmarks/run.py --fast)")
     args = parser.parse_args()
     if args.quick:
-        args.repeat = 1
-    with tempfile.TemporaryDirectory() as tmp:
-        cases = [("overhead (one trivial exercise)", trivial_notebook(Path(tmp)))]
-        for name in sorted(p.name for p in (ROOT / "solutions").glob("*.ipynb")):
-            cases += [(f"solutions/{name}", ROOT / "solutions" / name),
-                      (f"assignments/{name}", ROOT / "assignments" / name)]
-        best = {label: float("inf") for label, _ in cases}
-        scores = {}
-        for _ in range(args.repeat):
-            for label, path in cases:
-                start = time.perf_counter()
-                report = grader.grade(path)
-                best[label] = min(best[label], time.perf_counter() - start)
-                scores[label] = f"{report.score:g}/{report.max_score:g}"
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPU cores, best of {args.repeat}")
-    print(f"| {'notebook graded':45s} | {'score':>6s} | {'seconds':>7s} | target |")
-    print(f"|{'-' * 47}|{'-' * 8}|{'-' * 9}|--------|")
-    for label, _ in cases:
-        ok = "" if label.startswith("overhead") else ("ok" if best[label] <= TARGET_S else "SLOW")
-        print(f"| {label:45s} | {scores[label]:>6s} | {best[label]:7.1f} | {ok:6s} |")
+        args.folder = min(args.folder, 4)
+    ok, why = grader.sandbox_available()
+    if not ok:
+        sys.exit(f"no sandbox: {why}")
+    rows = []
+    for name in [] if args.only_folder else sorted(p.name for p in (ROOT / "assignments").glob("*.ipynb")):
+        key_s, key = timed(lambda: grader.load_key(ROOT / "assignments" / name), args.repeat)
+        for kind in ("solutions", "assignments"):
+            seconds, report = timed(lambda: grader.grade(ROOT / kind / name, against=key), args.repeat)
+            total = key_s + seconds if kind == "solutions" else None
+            rows.append((f"{kind}/{name}", f"{report.score:g}/{report.max_score:g}", key_s, seconds, total))
+        key.close()
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPU cores, load average "
+          f"{os.getloadavg()[0]:.1f} at the end, best of {args.repeat}")
+    print(f"| {'notebook graded':45s} | {'score':>6s} | key (s) | grade (s) | one assignment (s) | target |")
+    print(f"|{'-' * 47}|{'-' * 8}|---------|-----------|--------------------|--------|")
+    for label, score, key_s, seconds, total in rows:
+        one = f"{total:18.1f}" if total is not None else " " * 18
+        ok = ("ok" if total <= ONE_TARGET_S else "SLOW") if total is not None else ""
+        print(f"| {label:45s} | {score:>6s} | {key_s:7.1f} | {seconds:9.1f} | {one} | {ok:6s} |")
+    if args.folder:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "submissions"
+            folder.mkdir()
+            folder_of_submissions(folder, args.folder)
+            start = time.perf_counter()
+            reports = grader.grade_folder(folder, against=ROOT / "assignments" / A1, jobs=args.jobs,
+                                          out=Path(tmp) / "reports", similarity=True)
+            seconds = time.perf_counter() - start
+        scores = sorted({r.score for r in reports.values()})
+        for student, report in reports.items():
+            if report.score not in (0, 8, 10):  # not a solution, an assignment or one wrong exercise
+                print(student, [(e.id, e.message[:120]) for e in report.exercises if not e.passed])
+        print(f"\nfolder of {len(reports)} submissions of {A1}, --jobs {args.jobs}: {seconds:.0f} s "
+              f"({seconds / 60:.1f} min, target <= {FOLDER_TARGET_S / 60:.0f} min: "
+              f"{'ok' if seconds <= FOLDER_TARGET_S else 'SLOW'}); scores seen {scores}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     lecturekit lab                 open the course in JupyterLab
     lecturekit course [--fast]     execute every lecture notebook into build/ (HTML + index page)
     lecturekit train [--out FILE]  reproduce the bundled course-model weights from the recipe's seed
-    lecturekit grade SUBMISSION.ipynb [--json FILE]   score a submission (a folder: one CSV row each)
+    lecturekit grade SUBMISSION.ipynb [--against A]   score a submission in a sandbox (a folder: one CSV row each)
     lecturekit assignments [--check]                  write assignments/ from solutions/
     lecturekit colab [--source SPEC] [--check]        the Colab install cell of every notebook
 """
@@ -146,33 +146,51 @@ def _cmd_train(args) -> int:
 def _cmd_grade(args) -> int:
     from . import grader
 
-    limits = dict(cell_timeout=args.cell_timeout, timeout=args.timeout)
-    if args.against:
-        limits["reference"] = Path(args.against)
+    limits = dict(cell_timeout=args.cell_timeout, timeout=args.timeout, sandbox=False if args.no_sandbox else None,
+                  memory=int(args.memory * 2**20) if args.memory else None)
     target = Path(args.submission)
-    if target.is_dir():
-        reports = grader.grade_folder(target, jobs=args.jobs, **limits)
-        for student, report in reports.items():
-            print(f"{student}: {report.score:g}/{report.max_score:g}", file=sys.stderr)
-        table = grader.reports_to_csv(reports)
-        if args.csv:
-            Path(args.csv).write_text(table, encoding="utf-8")
-        else:
-            print(table, end="")
-        if args.json:
-            folder = Path(args.json)
-            folder.mkdir(parents=True, exist_ok=True)
-            for student, report in reports.items():
-                name = student.replace("/", "__").replace(os.sep, "__") + ".json"
-                (folder / name).write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
-        return 0
-    if not target.is_file():
+    if not target.exists():
         print(f"no such submission: {target} (expected a .ipynb file or a folder of them)", file=sys.stderr)
         return 2
-    report = grader.grade(target, **limits)
+    if args.no_sandbox:
+        print(grader.NO_SANDBOX_WARNING, file=sys.stderr)
+    against = None  # a folder without --against: each notebook is graded against the assignment of its name
+    try:
+        if args.against or target.is_file():
+            assignment = Path(args.against) if args.against else grader._official_assignment(target.name)
+            against = grader.load_key(assignment, Path(args.solution) if args.solution else None)
+    except (ValueError, RuntimeError, OSError) as err:
+        print(f"cannot build the answer key: {err}", file=sys.stderr)
+        return 2
+    try:
+        if target.is_dir():
+            out = Path(args.json) if args.json else target.parent / f"{target.name}-reports"
+            reports = grader.grade_folder(
+                target, against=against, jobs=args.jobs, out=out, similarity=True,
+                on_report=lambda student, r: print(f"{student}: {r.score:g}/{r.max_score:g}", file=sys.stderr),
+                **limits)
+            table = grader.reports_to_csv(reports)
+            if args.csv:
+                grader._write_atomically(Path(args.csv), table)
+            else:
+                print(table, end="")
+            print(f"reports in {out} (COMPLETE marks a finished batch; similarity.csv lists near-identical "
+                  "solutions)", file=sys.stderr)
+            return 0
+        report = grader.grade(target, against=against, **limits)
+    except grader.SandboxUnavailable as err:
+        print(f"refusing to grade: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the reports written so far are complete; the batch is not (no COMPLETE marker)",
+              file=sys.stderr)
+        return 130
+    finally:
+        if against is not None:
+            against.close()
     print(grader.format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_json(), indent=2), encoding="utf-8")
+        grader._write_atomically(Path(args.json), json.dumps(report.to_json(), indent=2))
     return 0
 
 
@@ -234,15 +252,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("grade", help="score a submission (or a folder of them) with nbval")
+    p = sub.add_parser("grade", help="score a submission (or a folder of them), each in its own sandbox")
     p.add_argument("submission", help="a .ipynb file, or a folder of them (one CSV row per student)")
-    p.add_argument("--json", help="write the JSON report here (for a folder: a folder of reports)")
+    p.add_argument("--against", help="the official assignment (default: assignments/<same name> of this course); "
+                   "its graded cells and points are used, whatever the submission did to them")
+    p.add_argument("--solution", help="the instructor's solution the references are computed from "
+                   "(default: solutions/<name> next to the assignment)")
+    p.add_argument("--json", help="write the JSON report here (for a folder: the folder of reports, "
+                   "default <folder>-reports)")
     p.add_argument("--csv", help="for a folder: write the CSV here (default: print it)")
     p.add_argument("--cell-timeout", type=float, default=60, help="seconds per cell (default 60)")
     p.add_argument("--timeout", type=float, default=300, help="seconds per notebook (default 300)")
     p.add_argument("--jobs", type=int, default=1, help="submissions graded at the same time")
-    p.add_argument("--against", help="the assignment notebook: its graded cells and points are used, "
-                   "whatever the submission did to them")
+    p.add_argument("--memory", type=float, help="MiB of memory per process in the sandbox (default 2048)")
+    p.add_argument("--no-sandbox", action="store_true", help="grade without bubblewrap: UNPROTECTED, for "
+                   "submissions you trust (the grader refuses otherwise when no sandbox is available)")
     p.set_defaults(func=_cmd_grade)
 
     p = sub.add_parser("assignments", help="write assignments/ from solutions/ (solution blocks -> stubs)")

@@ -1,4 +1,6 @@
-"""The grader is proven: checks, the assignment generator, the nbval grader and the catalogue of wrong answers.
+"""The grader is proven: checks, the assignment generator, the grader and the catalogue of wrong answers.
+
+(The attacks of a dishonest submission have their own catalogue: tests/test_grader_attacks.py.)
 
 Fast tests first (check helpers, generator), then grader runs. Grader runs are the slow part: every
 notebook that needs grading is graded once, two at a time, by the session fixtures below, and the
@@ -156,10 +158,9 @@ def test_no_solution_text_leaks_into_assignments():
         assert stubs == len(blocks)
 
 
-# ---- the grader on small synthetic notebooks (no torch in the kernel) -----------------------------------
+# ---- the grader on small synthetic assignments --------------------------------------------------------
 
-SETUP = "from lecturekit import grading"
-CHECK = "grading.exercise('double', points=2)\ngrading.check(double(3) == 6, 'double(3) should be 6')"
+SETUP = "import torch\nfrom lecturekit import grading"
 
 
 def _write(path: Path, *cells) -> Path:
@@ -167,41 +168,67 @@ def _write(path: Path, *cells) -> Path:
     return path
 
 
+def _function(name: str, body: str = "return x + 1") -> str:
+    return f"def {name}(x):\n    ### BEGIN SOLUTION\n    {body}\n    ### END SOLUTION"
+
+
+def _graded(exercise: str, function: str, points: float = 1, x: float = 1.0, expected: float = 2.0) -> str:
+    return (f"grading.exercise('{exercise}', points={points:g})\n"
+            f"grading.check_close({function}(torch.tensor({x})), torch.tensor({expected}), what='{function}({x:g})')")
+
+
+def _student(solution: Path, path: Path, **bodies) -> Path:
+    """The solution notebook with the named functions' solution blocks replaced by other code."""
+    nb = nbformat.read(solution, as_version=4)
+    for cell in nb.cells:
+        for name, body in bodies.items():
+            if cell.source.startswith(f"def {name}(x):"):
+                cell.source = f"def {name}(x):\n" + "\n".join("    " + line for line in body.splitlines())
+    nbformat.write(nb, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def synthetic(tmp_path_factory):
-    """Reports of small notebooks that misbehave in every way the issue names, graded two at a time.
+    """Reports of small submissions that misbehave in every way the issue names, graded two at a time.
 
-    Also records the files of the submissions' folder and of the grader's working directory before
-    and after, to show that what a submission writes stays in its scratch folder.
+    Two assignments (a solution notebook each, which is also the key): ``hw`` (double: 2 points, half:
+    1.5 points) and ``five`` (five one-point exercises, each a function f(x) = x + 1). Also records
+    the files of the submissions' folder and of the grader's working directory before and after, to
+    show that what a submission writes stays in its scratch folder.
     """
     folder = tmp_path_factory.mktemp("synthetic")
-    student = folder / "student"
-    student.mkdir()
-    jobs = {
-        "good": (_write(folder / "good.ipynb", SETUP,
-                        "def double(x):\n    ### BEGIN SOLUTION\n    return 2 * x\n    ### END SOLUTION", CHECK,
-                        "grading.exercise('half', points=1.5)\ngrading.check(double(0.25) == 1, 'one half, please')"),
-                 dict()),
-        "bad": (_write(student / "bad.ipynb", SETUP,
-                       "grading.exercise('raises', points=1)\nraise RuntimeError('boom')",
-                       "grading.exercise('chatty', points=1)\nfor _ in range(200):\n    print('x' * 50_000)",
-                       "grading.exercise('writes', points=1)\nopen('junk.bin', 'wb').write(b'0' * 10**6)\n"
-                       "import os; os.makedirs('deep/er', exist_ok=True)",
-                       "grading.exercise('loops', points=1)\nwhile True:\n    pass",
-                       "grading.exercise('after', points=1)\ngrading.check(True, '')"),
-                dict(cell_timeout=4, timeout=120)),
-        "slow": (_write(folder / "slow.ipynb", SETUP, "grading.exercise('first', points=1)",
-                        "import time\ntime.sleep(600)", "grading.exercise('never', points=2)"),
-                 dict(cell_timeout=600, timeout=30)),
-        "dies": (_write(folder / "dies.ipynb", SETUP, "import os\nos._exit(1)", "grading.exercise('after', points=1)"),
-                 dict(cell_timeout=20, timeout=60)),
-        "cheat": (_write(folder / "cheat.ipynb", SETUP, "def double(x):\n    return x",
-                         "grading.exercise('double', points=99)\npass"),  # check edited, 'half' deleted
-                  dict(reference=_write(folder / "hw.ipynb", SETUP, "def double(x):\n    raise NotImplementedError()",
-                                        CHECK, "grading.exercise('half', points=1.5)\n"
-                                        "grading.check(double(0.25) == 0.5, 'one half')"))),
-    }
-    scratch = lambda: sorted(Path(tempfile.gettempdir()).glob("lecturekit-grade-*"))  # noqa: E731
+    (folder / "student").mkdir()
+    hw = _write(folder / "hw.ipynb", SETUP, _function("double", "return 2 * x"),
+                _graded("double", "double", 2, 3.0, 6.0), _graded("half", "double", 1.5, 0.25, 0.5))
+    five = _write(folder / "five.ipynb", SETUP, *(c for n in ("raises", "chatty", "writes", "loops", "after")
+                                                  for c in (_function(f"f_{n}"), _graded(n, f"f_{n}"))))
+    keys = {"hw": grader.load_key(hw), "five": grader.load_key(five)}
+    bad = _student(five, folder / "student" / "bad.ipynb", f_raises="raise RuntimeError('boom')",
+                   f_chatty="for _ in range(200):\n    print('x' * 50_000)\nreturn x + 1",
+                   f_writes="open('junk.bin', 'wb').write(b'0' * 10**6)\nimport os\nos.makedirs('deep/er', "
+                            "exist_ok=True)\nreturn x + 1",
+                   f_loops="while True:\n    pass")
+    good = _student(hw, folder / "good.ipynb", double="return x + x if x > 1 else x")  # right on 3, wrong on 0.25
+    slow = folder / "slow.ipynb"
+    slow_nb = nbformat.read(hw, as_version=4)  # the first exercise graded, then a cell that sleeps
+    slow_nb.cells.insert(3, nbformat.v4.new_code_cell("import time\ntime.sleep(600)"))
+    nbformat.write(slow_nb, slow)
+    dies = nbformat.read(hw, as_version=4)
+    dies.cells.insert(1, nbformat.v4.new_code_cell("import os\nos._exit(1)"))
+    nbformat.write(dies, folder / "dies.ipynb")
+    cheat = nbformat.read(hw, as_version=4)  # the check edited to pass a wrong function, 'half' deleted
+    cheat.cells[1].source = "def double(x):\n    return x"
+    cheat.cells[2].source = "grading.exercise('double', points=99)\npass"
+    cheat.cells = cheat.cells[:3]
+    nbformat.write(cheat, folder / "cheat.ipynb")
+    jobs = {"good": (good, dict(against=keys["hw"])),
+            "bad": (bad, dict(against=keys["five"], cell_timeout=4, timeout=120)),
+            "slow": (slow, dict(against=keys["hw"], cell_timeout=600, timeout=30)),
+            "dies": (folder / "dies.ipynb", dict(against=keys["hw"], cell_timeout=20, timeout=60)),
+            "cheat": (folder / "cheat.ipynb", dict(against=keys["hw"]))}
+    private = tmp_path_factory.mktemp("scratch")  # the grader's scratch folders go here, not to the shared /tmp
+    scratch = lambda: sorted(private.glob("lecturekit-grade-*"))  # noqa: E731
     files_before = sorted(p.name for p in folder.rglob("*")), sorted(os.listdir(os.getcwd())), scratch()
 
     def run(item):
@@ -209,10 +236,14 @@ def synthetic(tmp_path_factory):
         start = time.perf_counter()
         return grader.grade(path, **kwargs), time.perf_counter() - start
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(jobs, pool.map(run, jobs.values())))
+    saved, tempfile.tempdir = tempfile.tempdir, str(private)
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = dict(zip(jobs, pool.map(run, jobs.values())))
+    finally:
+        tempfile.tempdir = saved
     files_after = sorted(p.name for p in folder.rglob("*")), sorted(os.listdir(os.getcwd())), scratch()
-    return dict(results, files=(files_before, files_after), folder=folder)
+    return dict(results, files=(files_before, files_after), folder=folder, keys=keys, hw=hw)
 
 
 @pytest.mark.slow
@@ -222,7 +253,8 @@ def test_grader_scores_and_reports_in_the_design_format(synthetic):
         "notebook": "good.ipynb", "score": 2.0, "max_score": 3.5,
         "exercises": [{"id": "double", "points": 2.0, "max_points": 2.0, "passed": True, "message": ""},
                       {"id": "half", "points": 0.0, "max_points": 1.5, "passed": False,
-                       "message": "AssertionError: [half] one half, please"}]}
+                       "message": "AssertionError: [half] double(0.25) is not the expected value: it is about "
+                                  "0.5 times what it should be"}]}
     table = grader.format_report(report)
     assert "double" in table and "2/2" in table and "total" in table and "2/3.5" in table
 
@@ -247,19 +279,22 @@ def test_grader_kills_a_notebook_over_its_time_limit_and_reports_unrun_cells(syn
     report, seconds = synthetic["slow"]
     assert seconds < 75
     by_id = {e.id: e for e in report.exercises}
-    assert by_id["first"].passed
-    assert not by_id["never"].passed and "time limit of 30 s" in by_id["never"].message
-    assert report.score == 1 and report.max_score == 3
+    assert by_id["double"].passed
+    assert not by_id["half"].passed and "time limit of 30 s" in by_id["half"].message
+    assert report.score == 2 and report.max_score == 3.5
 
 
 @pytest.mark.slow
 def test_grader_reports_a_dead_kernel_and_an_unreadable_file(synthetic, tmp_path):
     report, _ = synthetic["dies"]
-    assert report.score == 0 and report.max_score == 1 and report.exercises[0].message
-    junk = tmp_path / "junk.ipynb"
-    junk.write_text("{not json")
-    report = grader.grade(junk)
-    assert report.score == 0 and report.exercises == [] and "could not read" in report.log
+    assert report.score == 0 and report.max_score == 3.5
+    assert all("kernel died" in e.message for e in report.exercises), report.exercises
+    for name, content in (("junk.ipynb", b"{not json"), ("latin.ipynb", "{'é'}".encode("latin-1")),
+                          ("list.ipynb", b"[]"), ("cells.ipynb", b'{"cells": [{"cell_type": "code", "source": 5}]}')):
+        (tmp_path / name).write_bytes(content)
+        report = grader.grade(tmp_path / name, against=synthetic["keys"]["hw"])
+        assert report.score == 0 and report.max_score == 3.5 and len(report.exercises) == 2
+        assert all(e.message.startswith("could not read the notebook") for e in report.exercises), report.exercises
 
 
 @pytest.mark.slow
@@ -267,25 +302,54 @@ def test_grading_against_the_assignment_restores_its_checks_and_points(synthetic
     report, _ = synthetic["cheat"]
     assert [(e.id, e.points, e.max_points, e.passed) for e in report.exercises] == [
         ("double", 0.0, 2.0, False), ("half", 0.0, 1.5, False)]
-    assert report.exercises[0].message == "AssertionError: [double] double(3) should be 6"
+    assert report.exercises[0].message.startswith("AssertionError: [double] double(3) is not the expected value")
     assert report.exercises[1].message == "graded cell missing" and report.max_score == 3.5
+
+
+def test_a_key_needs_the_solution_and_value_checks(tmp_path):
+    assignment = tmp_path / "assignments" / "hw.ipynb"
+    assignment.parent.mkdir()
+    _write(assignment, SETUP, "def double(x):\n    raise NotImplementedError()", _graded("double", "double"))
+    with pytest.raises(ValueError, match="needs the instructor's solution"):
+        grader.load_key(assignment)
+    advisory = _write(tmp_path / "advisory.ipynb", SETUP, _function("double"),
+                      "grading.exercise('double', points=1)\ngrading.check(double(1) == 2, 'double(1) is 2')")
+    with pytest.raises(ValueError, match="compares no value"):
+        grader.load_key(advisory)
+    broken = _write(tmp_path / "broken.ipynb", SETUP, _function("double"), _graded("double", "double", 1, 1.0, 5.0))
+    with pytest.raises(RuntimeError, match="fails in cell 2"):
+        grader.load_key(broken)
+
+
+def test_grader_refuses_without_a_sandbox_unless_asked(tmp_path, monkeypatch):
+    hw = _write(tmp_path / "hw.ipynb", SETUP, _function("double"), _graded("double", "double"))
+    key = grader.load_key(hw)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on PATH
+    assert grader.sandbox_available()[0] is False
+    with pytest.raises(grader.SandboxUnavailable, match="no-sandbox"):
+        grader.grade(hw, against=key)
 
 
 @pytest.mark.slow
 def test_cli_grades_a_folder_into_one_csv_row_per_student(tmp_path):
+    hw = _write(tmp_path / "hw.ipynb", SETUP, _function("double", "return 2 * x"),
+                _graded("double", "double", 2, 3.0, 6.0))
     folder = tmp_path / "submissions"
-    for student, answer in (("alice", "2 * x"), ("bob", "x + 1")):
+    for student, answer in (("alice", "return 2 * x"), ("bob", "return x + 1"), ("=cmd", "return x + x")):
         (folder / student).mkdir(parents=True)
-        _write(folder / student / "hw.ipynb", SETUP, f"def double(x):\n    return {answer}", CHECK)
+        _student(hw, folder / student / "hw.ipynb", double=answer)
     out = tmp_path / "scores.csv"
-    result = subprocess.run([sys.executable, "-m", "lecturekit.cli", "grade", str(folder), "--csv", str(out),
-                             "--json", str(tmp_path / "reports"), "--jobs", "2"],
+    result = subprocess.run([sys.executable, "-m", "lecturekit.cli", "grade", str(folder), "--against", str(hw),
+                             "--csv", str(out), "--json", str(tmp_path / "reports"), "--jobs", "2"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert out.read_text().splitlines() == ["student,notebook,double,score,max_score",
-                                            "alice/hw,hw.ipynb,2,2,2", "bob/hw,hw.ipynb,0,0,2"]
+                                            "'=cmd/hw,hw.ipynb,2,2,2", "alice/hw,hw.ipynb,2,2,2",
+                                            "bob/hw,hw.ipynb,0,0,2"]
     bob = json.loads((tmp_path / "reports" / "bob__hw.json").read_text())
-    assert bob["exercises"][0]["message"] == "AssertionError: [double] double(3) should be 6"
+    assert bob["exercises"][0]["message"].startswith("AssertionError: [double] double(3) is not the expected value")
+    assert (tmp_path / "reports" / "COMPLETE").is_file()
+    assert (tmp_path / "reports" / "similarity.csv").read_text().startswith("exercise,student,similar_to,ratio")
 
 
 # ---- the real assignments -------------------------------------------------------------------------------
@@ -365,22 +429,37 @@ def _wrong_notebook(notebook: str, names: list[str], folder: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def graded(tmp_path_factory):
-    """Reports of the solutions, the untouched assignments and every round of wrong answers.
+def keys():
+    """The answer keys of the real assignments, built once (each runs its solution in this process)."""
+    return {notebook: grader.load_key(ASSIGNMENTS / notebook) for notebook in (A1, A2)}
+
+
+@pytest.fixture(scope="session")
+def graded(tmp_path_factory, keys):
+    """Reports of the solutions, the untouched assignments and every round of wrong answers, in the
+    sandbox, and of the solutions and assignments also without one (``sandbox=False``).
 
     Graded two at a time (each grader run uses one thread), once per session.
     """
     folder = tmp_path_factory.mktemp("wrong")
-    jobs = {f"solution/{p}": SOLUTIONS / p for p in (A1, A2)}
-    jobs.update({f"assignment/{p}": ASSIGNMENTS / p for p in (A1, A2)})
+    jobs = {f"solution/{p}": (SOLUTIONS / p, None) for p in (A1, A2)}
+    jobs.update({f"assignment/{p}": (ASSIGNMENTS / p, None) for p in (A1, A2)})
+    jobs.update({f"unsandboxed/solution/{p}": (SOLUTIONS / p, False) for p in (A1, A2)})
+    jobs.update({f"unsandboxed/assignment/{p}": (ASSIGNMENTS / p, False) for p in (A1, A2)})
     for notebook, names in _rounds():
         path = _wrong_notebook(notebook, names, folder)
         for name in names:
-            jobs[f"wrong/{name}"] = path
-    paths = sorted(set(jobs.values()))
+            jobs[f"wrong/{name}"] = (path, None)
+
+    def run(job):
+        path, sandbox = job
+        key = keys[A1] if path.name.startswith("01") else keys[A2]
+        return grader.grade(path, against=key, cell_timeout=60, timeout=240, sandbox=sandbox)
+
+    unique = sorted(set(jobs.values()), key=str)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        reports = dict(zip(paths, pool.map(lambda p: grader.grade(p, cell_timeout=60, timeout=240), paths)))
-    return {key: reports[path] for key, path in jobs.items()}
+        reports = dict(zip(unique, pool.map(run, unique)))
+    return {name: reports[job] for name, job in jobs.items()}
 
 
 def test_catalogue_has_at_least_twelve_wrong_answers_and_each_changes_its_solution():
@@ -400,7 +479,7 @@ def test_solutions_score_full_marks(graded, notebook):
     assert not failed, report.log[-3000:]
     assert report.score == report.max_score == 10
     assert len(report.exercises) >= 4
-    print(f"{notebook}: graded in {report.seconds:.1f} s")
+    print(f"{notebook}: graded in {report.seconds:.1f} s (the key was built once, before)")
 
 
 @pytest.mark.slow
@@ -412,6 +491,24 @@ def test_untouched_assignments_score_zero_on_every_exercise(graded, notebook):
     assert report.score == 0 and report.max_score == solution.max_score
     for e in report.exercises:
         assert not e.passed and e.points == 0 and "NotImplementedError" in e.message, e
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", [A1, A2])
+def test_without_a_sandbox_solutions_still_score_full_marks_and_assignments_zero(graded, notebook):
+    assert graded[f"unsandboxed/solution/{notebook}"].score == 10
+    assignment = graded[f"unsandboxed/assignment/{notebook}"]
+    assert assignment.score == 0 and all("NotImplementedError" in e.message for e in assignment.exercises)
+
+
+def test_withheld_functions_are_the_references_and_forbidden_names(keys):
+    assert keys[A1].withheld == ("lecturekit.attribution.cam", "lecturekit.attribution.grad_cam",
+                                 "lecturekit.attribution.guided_backprop", "lecturekit.attribution.guided_relu",
+                                 "lecturekit.attribution.occlusion", "lecturekit.attribution.saliency",
+                                 "lecturekit.evaluation.pointing_game")
+    assert "lecturekit.synthesis.ascent_step" in keys[A2].withheld  # reached through `reference = ...` in a loop
+    assert "lecturekit.synthesis.total_variation" in keys[A2].withheld
+    assert "lecturekit.features.activations" not in keys[A1].withheld  # an input of a check, not a reference
 
 
 @pytest.mark.slow
