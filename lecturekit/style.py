@@ -56,7 +56,7 @@ from .models import Normalize
 
 __all__ = [
     "gram", "content_loss", "layer_style_loss", "style_loss", "tv_loss",
-    "RandomFeatureNet", "random_feature_net", "feature_net", "VGG_LAYERS", "COURSE_LAYERS",
+    "RandomFeatureNet", "random_feature_net", "feature_net", "vgg_cached", "VGG_LAYERS", "COURSE_LAYERS",
     "Synthesis", "texture_synthesis", "style_transfer",
     "texture_distance", "spectrum_distance", "histogram_distance", "shuffle_pixels", "noise_like",
     "TransformerNet", "stylize", "fast_style_model", "train_fast_style", "training_crops",
@@ -269,7 +269,8 @@ COURSE_LAYERS = (["features.1", "features.4", "features.7", "features.10"], "fea
 """CourseNet's ReLUs (style layers) and its content layer, for comparing with the course model."""
 
 
-def _vgg_cached(name: str) -> bool:
+def vgg_cached(name: str) -> bool:
+    """Whether torchvision's ImageNet weights of ``name`` (e.g. "vgg19") are already in torch's cache."""
     from torchvision import models as tvm
 
     url = tvm.get_model_weights(name).DEFAULT.url
@@ -298,7 +299,7 @@ def feature_net(name: str = "auto", seed: int = 0, device=None) -> nn.Module:
         raise ValueError(f"expected a feature network 'auto', 'random', 'course' or one of {sorted(VGG_LAYERS)}, "
                          f"got {name!r}")
     vgg = "vgg19" if name == "auto" else name
-    if not _vgg_cached(vgg):
+    if not vgg_cached(vgg):
         message = (f"{vgg} ImageNet weights are not in torch's cache ({torch.hub.get_dir()}/checkpoints): "
                    "using the random multi-scale feature network instead (Ustyuzhaninov et al. 2017). "
                    "Random stand-in VGG weights are never used for style.")
