@@ -3,6 +3,7 @@
     lecturekit lab                 open the course in JupyterLab
     lecturekit course [--fast]     execute every lecture notebook into build/ (HTML + index page)
     lecturekit train [--out FILE]  reproduce the bundled course-model weights from the recipe's seed
+    lecturekit train-style [--out FILE]  reproduce the bundled fast style transfer network
     lecturekit grade SUBMISSION.ipynb [--against A]   score a submission in a sandbox (a folder: one CSV row each)
     lecturekit assignments [--check]                  write assignments/ from solutions/
     lecturekit colab [--source SPEC] [--check]        the Colab install cell of every notebook
@@ -143,6 +144,17 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_train_style(args) -> int:
+    from . import style
+
+    net, history = style.train_fast_style(steps=args.steps, seed=args.seed, out=Path(args.out),
+                                          progress=not args.quiet)
+    size = Path(args.out).stat().st_size / 1e6
+    print(f"trained {len(history['loss'])} steps in {history['seconds']:.0f} s; final loss "
+          f"{sum(history['loss'][-50:]) / len(history['loss'][-50:]):.4g}; saved {args.out} ({size:.2f} MB)")
+    return 0
+
+
 def _cmd_grade(args) -> int:
     from . import grader
 
@@ -252,7 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("grade", help="score a submission (or a folder of them), each in its own sandbox")
+    from .style import FAST_STYLE_PATH, FAST_STYLE_RECIPE
+
+    p = sub.add_parser("train-style", help="reproduce the bundled fast style transfer network")
+    p.add_argument("--out", default=str(FAST_STYLE_PATH), help=f"where to save (default: {FAST_STYLE_PATH})")
+    p.add_argument("--steps", type=int, default=FAST_STYLE_RECIPE["steps"])
+    p.add_argument("--seed", type=int, default=FAST_STYLE_RECIPE["seed"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train_style)
+
+        p = sub.add_parser("grade", help="score a submission (or a folder of them), each in its own sandbox")
     p.add_argument("submission", help="a .ipynb file, or a folder of them (one CSV row per student)")
     p.add_argument("--against", help="the official assignment (default: assignments/<same name> of this course); "
                    "its graded cells and points are used, whatever the submission did to them")

@@ -221,3 +221,70 @@ def prior_explorer(model: nn.Module, target: Target = 0, steps: int = 100, lr: f
                                       widgets.VBox(list(sliders.values())[4:])]), out])
     box.sliders, box.state = sliders, state
     return box
+
+
+# ---- Texture and style (notebook 12): style-weight and layer explorer ---------------------------
+
+def style_view(model, content, style, style_weight: float = 1e2, layers=None, content_layer=None,
+               steps: int = 30, seed: int = 0):
+    """Pure function behind :func:`style_explorer`: one style transfer with the given style weight and
+    style layers; returns the :class:`lecturekit.style.Synthesis` (image (1, 3, H, W) and losses).
+    Notebook: 12_style_transfer
+    """
+    from .style import style_transfer
+
+    return style_transfer(model, content, style, content_layer, list(layers) if layers is not None else None,
+                          style_weight=style_weight, steps=steps, seed=seed, progress=False)
+
+
+def style_explorer(model, content, style, layers=None, style_weight: float = 1e2, steps: int = 30,
+                   seed: int = 0):
+    """A log slider for the style weight and a multiple selection of style layers over :func:`style_view`;
+    the stylised image is recomputed when a control is released. ``layers``: the layers offered
+    (default ``model.style_layers``, all selected). With no layer selected, nothing is computed and
+    the picture says so. Returns an ``ipywidgets.VBox``; ``box.controls`` holds (weight slider, layer
+    selection) and ``box.state`` the last settings, image and losses. Notebook: 12_style_transfer
+    """
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    layers = list(layers if layers is not None else getattr(model, "style_layers", []))
+    if not layers:
+        raise ValueError("expected at least one style layer to offer (pass layers=[...])")
+    weight = widgets.FloatLogSlider(value=style_weight, base=10, min=-1, max=5, step=0.25,
+                                    description="style weight", continuous_update=False,
+                                    style={"description_width": "90px"})
+    chosen = widgets.SelectMultiple(options=layers, value=tuple(layers), rows=min(6, len(layers)),
+                                    description="style layers", style={"description_width": "90px"})
+    out = widgets.Output()
+    state: dict = {}
+
+    def redraw(_change=None):
+        selected = list(chosen.value)
+        state.update(style_weight=weight.value, layers=selected)
+        with out:
+            out.clear_output(wait=True)
+            if not selected:
+                state.update(image=None, losses=None)
+                print("select at least one style layer")
+                return
+            result = style_view(model, content, style, weight.value, selected, steps=steps, seed=seed)
+            state.update(image=result.image, losses={k: float(v[-1]) for k, v in result.losses.items()})
+            fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
+            for ax, img, title in zip(axes, (content, style, result.image),
+                                      ("content", "style", f"weight {weight.value:.3g}, {len(selected)} layer(s)")):
+                ax.imshow(img[0].permute(1, 2, 0).cpu().clamp(0, 1).numpy())
+                ax.set_title(title, fontsize=9)
+                ax.axis("off")
+            fig.suptitle(f"content loss {state['losses']['content']:.3g}, style loss {state['losses']['style']:.3g}",
+                         fontsize=9)
+            fig.tight_layout()
+            plt.show()
+            plt.close(fig)
+
+    weight.observe(redraw, names="value")
+    chosen.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([widgets.HBox([weight, chosen]), out])
+    box.controls, box.state = (weight, chosen), state
+    return box

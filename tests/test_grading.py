@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ROOT / "solutions"
 ASSIGNMENTS = ROOT / "assignments"
 A1, A2 = "01_which_pixels_matter.ipynb", "02_synthesizing_images.ipynb"
+A3 = "03_style.ipynb"
 
 
 # ---- check helpers -----------------------------------------------------------------------------------
@@ -133,8 +134,8 @@ def test_unbalanced_markers_raise(source, error):
 
 def test_committed_assignments_are_what_the_command_generates():
     solutions = sorted(SOLUTIONS.glob("*.ipynb"))
-    assert [p.name for p in solutions] == [A1, A2]
-    assert sorted(p.name for p in ASSIGNMENTS.glob("*.ipynb")) == [A1, A2]
+    assert [p.name for p in solutions] == [A1, A2, A3]
+    assert sorted(p.name for p in ASSIGNMENTS.glob("*.ipynb")) == [A1, A2, A3]
     stale = grader.write_assignments(SOLUTIONS, ASSIGNMENTS, check_only=True)
     assert not stale, f"assignments/ is out of date: run `lecturekit assignments` ({stale})"
 
@@ -153,8 +154,8 @@ def test_no_solution_text_leaks_into_assignments():
                 line = line.strip()
                 if len(line) >= 12 and line not in outside_text:  # lines also in the scaffold are not leaks
                     assert json.dumps(line)[1:-1] not in student, f"{solution.name} leaks {line!r}"
-        stubs = student.count("raise NotImplementedError()") - solution.read_text(encoding="utf-8").count(
-            "raise NotImplementedError()")
+        stubs = sum(student.count(stub) - solution.read_text(encoding="utf-8").count(stub)
+                    for stub in ("raise NotImplementedError()", grading.MARKDOWN_STUB))  # code and answer blocks
         assert stubs == len(blocks)
 
 
@@ -379,6 +380,20 @@ WRONG = {
     "dream_step_not_normalised": (A2, "dream_step", "g = g / g.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)",
                                   "g = g"),
     "inversion_loss_not_normalised": (A2, "inversion_loss", "return diff / norm +", "return diff +"),
+    "gram_without_normalisation": (A3, "gram", "return F @ F.transpose(1, 2) / F.shape[-1]",
+                                   "return F @ F.transpose(1, 2)"),
+    "gram_over_positions": (A3, "gram", "return F @ F.transpose(1, 2) / F.shape[-1]",
+                            "return F.transpose(1, 2) @ F / F.shape[-1]"),
+    "content_loss_summed": (A3, "content_loss", "return (F - P).pow(2).flatten(1).mean(1)",
+                            "return (F - P).pow(2).flatten(1).sum(1)"),
+    "style_loss_ignores_layer_weights": (A3, "style_loss", "loss = loss + layer_weights[layer] * (G - G_hat)",
+                                         "loss = loss + (G - G_hat)"),
+    "style_loss_without_4C2": (A3, "style_loss", ".sum((1, 2)) / (4 * C**2)", ".sum((1, 2))"),
+    "tv_loss_absolute_values": (A3, "tv_loss", "dx.pow(2).flatten(1).sum(1) + dy.pow(2).flatten(1).sum(1)",
+                                "dx.abs().flatten(1).sum(1) + dy.abs().flatten(1).sum(1)"),
+    "content_loss_at_the_wrong_layer": (A3, "style_transfer_loss",
+                                        "content_loss(acts[content_layer], content_acts[content_layer])",
+                                        "content_loss(acts[list(target_grams)[-1]], content_acts[list(target_grams)[-1]])"),
 }
 
 
@@ -431,7 +446,7 @@ def _wrong_notebook(notebook: str, names: list[str], folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def keys():
     """The answer keys of the real assignments, built once (each runs its solution in this process)."""
-    return {notebook: grader.load_key(ASSIGNMENTS / notebook) for notebook in (A1, A2)}
+    return {notebook: grader.load_key(ASSIGNMENTS / notebook) for notebook in (A1, A2, A3)}
 
 
 @pytest.fixture(scope="session")
@@ -442,10 +457,10 @@ def graded(tmp_path_factory, keys):
     Graded two at a time (each grader run uses one thread), once per session.
     """
     folder = tmp_path_factory.mktemp("wrong")
-    jobs = {f"solution/{p}": (SOLUTIONS / p, None) for p in (A1, A2)}
-    jobs.update({f"assignment/{p}": (ASSIGNMENTS / p, None) for p in (A1, A2)})
-    jobs.update({f"unsandboxed/solution/{p}": (SOLUTIONS / p, False) for p in (A1, A2)})
-    jobs.update({f"unsandboxed/assignment/{p}": (ASSIGNMENTS / p, False) for p in (A1, A2)})
+    jobs = {f"solution/{p}": (SOLUTIONS / p, None) for p in (A1, A2, A3)}
+    jobs.update({f"assignment/{p}": (ASSIGNMENTS / p, None) for p in (A1, A2, A3)})
+    jobs.update({f"unsandboxed/solution/{p}": (SOLUTIONS / p, False) for p in (A1, A2, A3)})
+    jobs.update({f"unsandboxed/assignment/{p}": (ASSIGNMENTS / p, False) for p in (A1, A2, A3)})
     for notebook, names in _rounds():
         path = _wrong_notebook(notebook, names, folder)
         for name in names:
@@ -453,7 +468,7 @@ def graded(tmp_path_factory, keys):
 
     def run(job):
         path, sandbox = job
-        key = keys[A1] if path.name.startswith("01") else keys[A2]
+        key = keys[{"01": A1, "02": A2, "03": A3}[path.name[:2]]]
         return grader.grade(path, against=key, cell_timeout=60, timeout=240, sandbox=sandbox)
 
     unique = sorted(set(jobs.values()), key=str)
@@ -472,7 +487,7 @@ def test_catalogue_has_at_least_twelve_wrong_answers_and_each_changes_its_soluti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2])
+@pytest.mark.parametrize("notebook", [A1, A2, A3])
 def test_solutions_score_full_marks(graded, notebook):
     report = graded[f"solution/{notebook}"]
     failed = {e.id: e.message for e in report.exercises if not e.passed}
@@ -483,7 +498,7 @@ def test_solutions_score_full_marks(graded, notebook):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2])
+@pytest.mark.parametrize("notebook", [A1, A2, A3])
 def test_untouched_assignments_score_zero_on_every_exercise(graded, notebook):
     report = graded[f"assignment/{notebook}"]
     solution = graded[f"solution/{notebook}"]
@@ -494,7 +509,7 @@ def test_untouched_assignments_score_zero_on_every_exercise(graded, notebook):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2])
+@pytest.mark.parametrize("notebook", [A1, A2, A3])
 def test_without_a_sandbox_solutions_still_score_full_marks_and_assignments_zero(graded, notebook):
     assert graded[f"unsandboxed/solution/{notebook}"].score == 10
     assignment = graded[f"unsandboxed/assignment/{notebook}"]
