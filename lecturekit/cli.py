@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train_style)
 
-        p = sub.add_parser("grade", help="score a submission (or a folder of them), each in its own sandbox")
+    p = sub.add_parser("grade", help="score a submission (or a folder of them), each in its own sandbox")
     p.add_argument("submission", help="a .ipynb file, or a folder of them (one CSV row per student)")
     p.add_argument("--against", help="the official assignment (default: assignments/<same name> of this course); "
                    "its graded cells and points are used, whatever the submission did to them")
