@@ -224,11 +224,15 @@ class FoolingResult:
 
 def fooling_image(model: nn.Module, x: torch.Tensor, target, threshold: float = 0.99, lr: float = 0.5 / 255,
                   steps: int = 200) -> FoolingResult:
-    """The lecture's recipe: start from a real image, pick another class, ascend that class's raw score
-    S_target until the network is fooled, and report how small the change is.
+    """The lecture's recipe: start from a real image, pick another class, ascend that class until the
+    network is fooled, and report how small the change is.
 
         repeat:  stop (per image) as soon as p_target(x) >= threshold, or after ``steps`` steps;
-                 x <- clamp(x + lr * sign(g), 0, 1),   g = grad_x S_target(x)
+                 x <- clamp(x + lr * sign(g), 0, 1),   g = grad_x log p_target(x)
+
+    The class is ascended as its log-probability log p_t = S_t - log sum_j exp S_j: ascending the raw
+    score S_t alone can raise another class's score faster (a ring's score lifts the circle's; see
+    notebook 08), so that p_t never reaches the threshold.
 
     Images that are done are no longer changed. ``lr`` is the change of each pixel per step in pixel
     units (0.5/255: half a grey level), so after t steps no pixel moved more than t * lr.
@@ -255,7 +259,8 @@ def fooling_image(model: nn.Module, x: torch.Tensor, target, threshold: float = 
             active = p < threshold  # the stopping rule, checked before every step
             if not active.any() or step == steps:
                 break
-            (g,) = torch.autograd.grad(scores[rows, target].sum(), x_adv)  # dS_target/dx, (N, 3, H, W)
+            log_p = scores.log_softmax(1)[rows, target]  # (N,) log p_target = S_t - logsumexp(S)
+            (g,) = torch.autograd.grad(log_p.sum(), x_adv)  # (N, 3, H, W)
             step = lr * g.sign()  # (N, 3, H, W): a signed step, like FGSM's, on the target's score
             with torch.no_grad():
                 x_adv = torch.where(_per_image(active), (x_adv + step).clamp(0, 1), x_adv)
