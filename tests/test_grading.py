@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOLUTIONS = ROOT / "solutions"
 ASSIGNMENTS = ROOT / "assignments"
 A1, A2 = "01_which_pixels_matter.ipynb", "02_synthesizing_images.ipynb"
+A4 = "04_adversarial.ipynb"
 
 
 # ---- check helpers -----------------------------------------------------------------------------------
@@ -125,8 +126,8 @@ def test_unbalanced_markers_raise(source, error):
 
 def test_committed_assignments_are_what_the_command_generates():
     solutions = sorted(SOLUTIONS.glob("*.ipynb"))
-    assert [p.name for p in solutions] == [A1, A2]
-    assert sorted(p.name for p in ASSIGNMENTS.glob("*.ipynb")) == [A1, A2]
+    assert [p.name for p in solutions] == [A1, A2, A4]
+    assert sorted(p.name for p in ASSIGNMENTS.glob("*.ipynb")) == [A1, A2, A4]
     stale = grading.write_assignments(SOLUTIONS, ASSIGNMENTS, check_only=True)
     assert not stale, f"assignments/ is out of date: run `lecturekit assignments` ({stale})"
 
@@ -309,6 +310,26 @@ WRONG = {
     "dream_step_not_normalised": (A2, "dream_step", "g = g / g.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)",
                                   "g = g"),
     "inversion_loss_not_normalised": (A2, "inversion_loss", "return diff / norm +", "return diff +"),
+    "fgsm_sign_left_out": (A4, "fgsm", "step = -eps * g.sign() if targeted else eps * g.sign()",
+                           "step = -eps * g if targeted else eps * g"),
+    "fgsm_targeted_ascends_the_loss": (A4, "fgsm", "step = -eps * g.sign() if targeted else eps * g.sign()",
+                                       "step = eps * g.sign()"),
+    "fgsm_without_clamp": (A4, "fgsm", "return (x + step).clamp(0, 1).detach()", "return (x + step).detach()"),
+    "pgd_without_projection": (A4, "pgd_step", "delta = (x_adv + alpha * g.sign() - x).clamp(-eps, eps)",
+                               "delta = x_adv + alpha * g.sign() - x"),
+    "pgd_linf_step_projected_onto_the_l2_ball": (
+        A4, "pgd_step", "delta = (x_adv + alpha * g.sign() - x).clamp(-eps, eps)",
+        "delta = x_adv + alpha * g.sign() - x\n        "
+        "delta = delta * (eps / delta.flatten(1).norm(dim=1)).clamp(max=1).view(-1, 1, 1, 1)"),
+    "pgd_eps_on_normalised_values": (A4, "pgd_step", "delta = (x_adv + alpha * g.sign() - x).clamp(-eps, eps)",
+                                     "delta = (x_adv + alpha * g.sign() - x).clamp(-eps * model.normalize.std, "
+                                     "eps * model.normalize.std)"),
+    "fooling_gradient_of_the_wrong_class": (A4, "fooling_loop", "log_p = model(x).log_softmax(1)[0, target]",
+                                            "log_p = model(x).log_softmax(1)[0].max()"),
+    "fooling_without_stopping_rule": (A4, "fooling_loop", "if log_p.item() >= math.log(threshold):\n            break",
+                                      "pass"),
+    "patch_rows_and_columns_swapped": (A4, "paste_patch", "out[:, :, top:top + s, left:left + s] = patch",
+                                       "out[:, :, left:left + s, top:top + s] = patch"),
 }
 
 
@@ -365,8 +386,8 @@ def graded(tmp_path_factory):
     Graded two at a time (each grader run uses one thread), once per session.
     """
     folder = tmp_path_factory.mktemp("wrong")
-    jobs = {f"solution/{p}": SOLUTIONS / p for p in (A1, A2)}
-    jobs.update({f"assignment/{p}": ASSIGNMENTS / p for p in (A1, A2)})
+    jobs = {f"solution/{p}": SOLUTIONS / p for p in (A1, A2, A4)}
+    jobs.update({f"assignment/{p}": ASSIGNMENTS / p for p in (A1, A2, A4)})
     for notebook, names in _rounds():
         path = _wrong_notebook(notebook, names, folder)
         for name in names:
@@ -387,7 +408,7 @@ def test_catalogue_has_at_least_twelve_wrong_answers_and_each_changes_its_soluti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2])
+@pytest.mark.parametrize("notebook", [A1, A2, A4])
 def test_solutions_score_full_marks(graded, notebook):
     report = graded[f"solution/{notebook}"]
     failed = {e.id: e.message for e in report.exercises if not e.passed}
@@ -398,7 +419,7 @@ def test_solutions_score_full_marks(graded, notebook):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2])
+@pytest.mark.parametrize("notebook", [A1, A2, A4])
 def test_untouched_assignments_score_zero_on_every_exercise(graded, notebook):
     report = graded[f"assignment/{notebook}"]
     solution = graded[f"solution/{notebook}"]
