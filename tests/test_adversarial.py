@@ -282,3 +282,31 @@ def test_attack_explorer_calls_the_pure_function_and_updates(course, batch, monk
     assert torch.equal(box.state["view"].image, x[2:3])
     attack.value = "fgsm"
     assert calls[-1]["attack"] == "fgsm" and len(calls) == 4
+
+
+# ---- the bundled second-seed and robust models ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("weights, seed, eps", [("seed1", 1, 0.0), ("robust", 0, 8 / 255)])
+def test_bundled_models_load_offline_and_record_their_recipe(weights, seed, eps):
+    from lecturekit import models
+
+    path = models.weights_path(weights)
+    assert path.stat().st_size <= 2 * 1024 * 1024
+    recipe = torch.load(path, weights_only=True)["recipe"]
+    assert recipe["seed"] == seed and recipe.get("adversarial_eps", 0.0) == pytest.approx(eps)
+    model = models.course_model(weights=weights)
+    assert not model.training and not torch.equal(model.classifier.weight,
+                                                   models.course_model().classifier.weight)
+    with pytest.raises(ValueError, match="unknown course-model weights"):
+        models.course_model(weights="robustest")
+
+
+def test_fast_adversarial_training_runs_and_rejects_a_bad_eps():
+    from lecturekit import training
+
+    model = training.trainable_model(seed=0)
+    history = training.train(model, steps=2, lr=0.01, batch_size=8, adversarial_eps=8 / 255, progress=False)
+    assert len(history.loss) == 2 and all(math.isfinite(v) for v in history.loss)
+    with pytest.raises(ValueError, match="adversarial_eps"):
+        training.train(model, steps=1, lr=0.01, adversarial_eps=8.0, progress=False)
