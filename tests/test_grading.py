@@ -326,8 +326,7 @@ WRONG = {
                                      "eps * model.normalize.std)"),
     "fooling_gradient_of_the_wrong_class": (A4, "fooling_loop", "log_p = model(x).log_softmax(1)[0, target]",
                                             "log_p = model(x).log_softmax(1)[0].max()"),
-    "fooling_without_stopping_rule": (A4, "fooling_loop", "if log_p.item() >= math.log(threshold):\n            break",
-                                      "pass"),
+    "fooling_without_stopping_rule": (A4, "fooling_loop", "if log_p.item() >= math.log(threshold):", "if False:"),
     "patch_rows_and_columns_swapped": (A4, "paste_patch", "out[:, :, top:top + s, left:left + s] = patch",
                                        "out[:, :, left:left + s, top:top + s] = patch"),
 }
