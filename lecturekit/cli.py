@@ -3,6 +3,8 @@
     lecturekit lab                 open the course in JupyterLab
     lecturekit course [--fast]     execute every lecture notebook into build/ (HTML + index page)
     lecturekit train [--out FILE]  reproduce the bundled course-model weights from the recipe's seed
+    lecturekit train --seed 1      ... the second course model (transfer attacks, notebook 15)
+    lecturekit train --robust      ... the adversarially trained course model (notebook 16)
     lecturekit train-style [--out FILE]  reproduce the bundled fast style transfer network
     lecturekit grade SUBMISSION.ipynb [--against A]   score a submission in a sandbox (a folder: one CSV row each)
     lecturekit assignments [--check]                  write assignments/ from solutions/
@@ -133,14 +135,22 @@ def _cmd_lab(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from . import data, training
+    from . import data, models, training
 
-    model, history = training.train_course_model(steps=args.steps, seed=args.seed, out=Path(args.out),
-                                                 progress=not args.quiet)
+    eps = args.eps if args.robust else 0.0
+    if args.out:
+        out = Path(args.out)
+    elif args.robust:
+        out = models.weights_path("robust")
+    else:  # seed 0 is the course model, seed 1 the second model; other seeds get a file of their own
+        out = models.weights_path({0: "standard", 1: "seed1"}[args.seed]) if args.seed in (0, 1) else \
+            models.WEIGHTS_PATH.with_name(f"coursenet_seed{args.seed}.pt")
+    model, history = training.train_course_model(steps=args.steps, seed=args.seed, out=out,
+                                                 adversarial_eps=eps, progress=not args.quiet)
     test = data.shapes(2000, seed=training.TEST_SEED)
-    print(f"trained {args.steps} steps in {history.seconds:.0f} s; validation accuracy "
-          f"{history.val_acc[-1]:.4f}; held-out test accuracy {training.evaluate(model, test):.4f}; "
-          f"saved {args.out}")
+    print(f"trained {args.steps} steps{f' adversarially (eps {eps * 255:.3g}/255)' if eps else ''} in "
+          f"{history.seconds:.0f} s; validation accuracy {history.val_acc[-1]:.4f}; held-out test accuracy "
+          f"{training.evaluate(model, test):.4f}; saved {out}")
     return 0
 
 
@@ -258,9 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_course)
 
     p = sub.add_parser("train", help="reproduce the bundled course-model weights")
-    p.add_argument("--out", default=str(WEIGHTS_PATH), help=f"where to save (default: {WEIGHTS_PATH})")
+    p.add_argument("--out", help=f"where to save (default: the bundled file, {WEIGHTS_PATH.name} for seed 0, "
+                   "coursenet_seed1.pt for --seed 1, coursenet_robust.pt for --robust)")
     p.add_argument("--steps", type=int, default=RECIPE["steps"])
-    p.add_argument("--seed", type=int, default=RECIPE["seed"])
+    p.add_argument("--seed", type=int, default=RECIPE["seed"], help="training seed (1: the second course model)")
+    p.add_argument("--robust", action="store_true",
+                   help="fast adversarial training (FGSM with random start, Wong et al. 2020): the robust model")
+    p.add_argument("--eps", type=float, default=8 / 255, help="with --robust: the L-inf radius in pixel units (8/255)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

@@ -101,7 +101,7 @@ def initial_loss(model: nn.Module, batch: data.ShapesBatch) -> float:
 def train(model: nn.Module, steps: int, lr: float, weight_decay: float = 0.0, batch_size: int = 128,
           seed: int = 0, sample: data.ShapesBatch | None = None, val: data.ShapesBatch | None = None,
           val_every: int = 100, schedule: str = "constant", optimizer: str = "sgd",
-          progress: bool = True) -> History:
+          adversarial_eps: float = 0.0, progress: bool = True) -> History:
     """Train ``model`` for ``steps`` minibatches and return its :class:`History`.
 
     ``optimizer``: ``"sgd"`` (Nesterov momentum 0.9, what the recipe uses) or ``"adamw"``.
@@ -110,8 +110,15 @@ def train(model: nn.Module, steps: int, lr: float, weight_decay: float = 0.0, ba
     step draws a fresh batch. ``schedule``: ``"constant"`` (what the recipe's search uses) or
     ``"onecycle"`` (warm-up then cosine decay, for the final run). ``val``: measured every ``val_every``
     steps and at the end. The training stops early if the loss becomes NaN.
+
+    ``adversarial_eps`` > 0: fast adversarial training (Wong, Rice and Kolter 2020, "Fast is better
+    than free"): each batch is replaced by FGSM examples from a random start in the L-infinity ball of
+    radius eps (pixel units), step 1.25 eps; eps ramps up linearly over the first 30% of the steps
+    (as in Gowal et al. 2018's schedules) so the network first learns the task. Notebook: 16_robust_models
     """
     steps = data.check_positive_int(steps, "steps")
+    if not 0 <= adversarial_eps <= 1:
+        raise ValueError(f"expected adversarial_eps in [0, 1] (pixel units, e.g. 8/255), got {adversarial_eps}")
     if not lr > 0:
         raise ValueError(f"expected a positive learning rate, got lr={lr}")
     # Dropout (and any other random layer) draws from the global generator: seed it inside fork_rng,
@@ -119,11 +126,11 @@ def train(model: nn.Module, steps: int, lr: float, weight_decay: float = 0.0, ba
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _train(model, steps, lr, weight_decay, batch_size, seed, sample, val, val_every, schedule,
-                      optimizer, progress)
+                      optimizer, progress, adversarial_eps)
 
 
 def _train(model, steps, lr, weight_decay, batch_size, seed, sample, val, val_every, schedule, optimizer,
-           progress) -> History:
+           progress, adversarial_eps) -> History:
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     elif optimizer == "adamw":
@@ -143,6 +150,9 @@ def _train(model, steps, lr, weight_decay, batch_size, seed, sample, val, val_ev
     model.train()
     for step in progress_bar(range(steps), progress, desc="train"):
         images, labels = _train_batch(seed, step, batch_size, sample)
+        if adversarial_eps:
+            eps = adversarial_eps * min(1.0, (step + 1) / (0.3 * steps))
+            images = _fgsm_random_start(model, images, labels, eps, gen=torch.Generator().manual_seed(seed * 100_003 + step))
         logits = model(images.contiguous(memory_format=torch.channels_last))
         loss = F.cross_entropy(logits, labels)
         opt.zero_grad(set_to_none=True)
@@ -161,6 +171,20 @@ def _train(model, steps, lr, weight_decay, batch_size, seed, sample, val, val_ev
     model.eval()
     history.seconds = time.perf_counter() - start
     return history
+
+
+def _fgsm_random_start(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                       gen: torch.Generator) -> torch.Tensor:
+    """FGSM from a random start (Wong et al. 2020): delta ~ U(-eps, eps), one signed step of 1.25 eps, projected.
+
+    In the model's current (training) mode, as in the paper; only the input's gradient is computed.
+    """
+    delta = (torch.rand(x.shape, generator=gen) * 2 - 1) * eps  # (N, 3, H, W) uniform in the ball
+    x_start = (x + delta).clamp(0, 1).requires_grad_(True)
+    loss = F.cross_entropy(model(x_start.contiguous(memory_format=torch.channels_last)), y)
+    (grad,) = torch.autograd.grad(loss, x_start)  # no parameter gradients
+    delta = (x_start.detach() + 1.25 * eps * grad.sign() - x).clamp(-eps, eps)  # step, then project
+    return (x + delta).clamp(0, 1).detach()
 
 
 def overfit_small_sample(model: nn.Module, n: int = 64, steps: int = 150, lr: float = 0.05,
@@ -200,19 +224,22 @@ def random_search(make_model, trials: int, steps: int, lr_range=(1e-3, 1.0), wd_
 def train_course_model(steps: int = RECIPE["steps"], lr: float = RECIPE["lr"],
                        weight_decay: float = RECIPE["weight_decay"], batch_size: int = RECIPE["batch_size"],
                        seed: int = RECIPE["seed"], out=WEIGHTS_PATH, val_size: int = 1000,
-                       progress: bool = True) -> tuple[CourseNet, History]:
-    """Reproduce the bundled course model: the RECIPE's one-cycle run from seed ``seed``.
+                       adversarial_eps: float = 0.0, progress: bool = True) -> tuple[CourseNet, History]:
+    """Reproduce a bundled course model: the RECIPE's one-cycle run from seed ``seed``.
 
     Trains :func:`trainable_model` (with BatchNorm), folds it into the plain CourseNet and saves
     ``{"model": state_dict, "recipe": ...}`` to ``out`` (None: do not save). Returns the plain model.
+    ``seed=1`` makes the second model of the transfer experiments (``course_model(weights="seed1")``);
+    ``adversarial_eps=8/255`` the robust model (``weights="robust"``, fast adversarial training).
     """
     model = trainable_model(seed)
     val = data.shapes(val_size, seed=VALIDATION_SEED)
     history = train(model, steps, lr, weight_decay, batch_size, seed=seed, val=val, val_every=100,
-                    schedule="onecycle", progress=progress)
+                    schedule="onecycle", adversarial_eps=adversarial_eps, progress=progress)
     model = fuse_batchnorm(model)
     if out is not None:
         recipe = dict(steps=steps, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
+                      adversarial_eps=adversarial_eps,
                       val_acc=history.val_acc[-1], seconds=round(history.seconds, 1),
                       torch=str(torch.__version__))
         torch.save({"model": model.state_dict(), "recipe": recipe}, out)

@@ -287,4 +287,110 @@ def style_explorer(model, content, style, layers=None, style_weight: float = 1e2
     redraw()
     box = widgets.VBox([widgets.HBox([weight, chosen]), out])
     box.controls, box.state = (weight, chosen), state
+# ---- Adversarial examples (notebook 14): attack explorer -------------------------------------------
+
+def attack_view(model, x, target=None, eps: float = 4 / 255, attack: str = "pgd", steps: int = 10,
+                label: int | None = None):
+    """Pure function behind :func:`attack_explorer`: attack one image x (1, 3, H, W) and measure it.
+
+    ``target`` None (or equal to ``label``): untargeted, away from ``label`` (default: the model's
+    prediction); otherwise a targeted attack towards ``target``. ``attack``: ``"fgsm"`` or ``"pgd"``
+    (L-inf, ``steps`` steps, no random start). Returns a ``SimpleNamespace`` with image, adversarial
+    (1, 3, H, W), perturbation (1, 3, H, W), probs (2, K) (clean, adversarial), eps, target, label.
+    Notebook: 14_adversarial_examples
+    """
+    from types import SimpleNamespace
+
+    import torch
+
+    from . import adversarial as adv
+
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one image (1, 3, H, W), got {tuple(x.shape)}")
+    with torch.no_grad():
+        clean = model(x).softmax(1)  # (1, K)
+    label = int(clean.argmax(1)) if label is None else int(label)
+    targeted = target is not None and int(target) != label
+    goal = int(target) if targeted else label
+    if attack == "fgsm":
+        x_adv = adv.fgsm(model, x, goal, eps, targeted=targeted)
+    elif attack == "pgd":
+        x_adv = adv.pgd(model, x, goal, eps, steps=steps, random_start=False, targeted=targeted)
+    else:
+        raise ValueError(f"unknown attack {attack!r}; expected 'fgsm' or 'pgd'")
+    with torch.no_grad():
+        probs = torch.cat([clean, model(x_adv).softmax(1)])  # (2, K)
+    return SimpleNamespace(image=x, adversarial=x_adv, perturbation=x_adv - x, probs=probs, eps=eps,
+                           target=goal if targeted else None, label=label, attack=attack)
+
+
+def show_attack_view(view, class_names=None):
+    """Image, perturbation (magnified to the full grey range), adversarial image, class probabilities."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = class_names or [str(k) for k in range(view.probs.shape[1])]
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3), gridspec_kw=dict(width_ratios=[1, 1, 1, 1.6]))
+    scale = max(view.eps, 1e-8)
+    pictures = [view.image[0], (view.perturbation[0] / (2 * scale) + 0.5).clamp(0, 1), view.adversarial[0]]
+    p_clean, p_adv = view.probs[0], view.probs[1]
+    titles = [f"clean: {names[int(p_clean.argmax())]} ({p_clean.max():.2f})",
+              f"perturbation x{0.5 / scale:.0f}, eps {view.eps * 255:.0f}/255",
+              f"{view.attack}: {names[int(p_adv.argmax())]} ({p_adv.max():.2f})"]
+    for ax, picture, title in zip(axes, pictures, titles):
+        ax.imshow(picture.permute(1, 2, 0).cpu().numpy())
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    k = np.arange(len(names))
+    axes[3].bar(k - 0.2, p_clean.cpu().numpy(), 0.4, label="clean")
+    axes[3].bar(k + 0.2, p_adv.cpu().numpy(), 0.4, label="adversarial")
+    axes[3].set_xticks(k, names, rotation=45, fontsize=8)
+    axes[3].set_ylim(0, 1)
+    axes[3].set_title("class probabilities" + (f", target {names[view.target]}" if view.target is not None
+                                              else ", untargeted"), fontsize=9)
+    axes[3].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def attack_explorer(model, images, labels=None, eps: int = 4, steps: int = 10):
+    """Pick an image, a target class (or untargeted) and eps (in grey levels, 0-16) and an attack;
+    see the perturbation, the adversarial image and the class probabilities update (:func:`attack_view`).
+
+    Returns a VBox; ``box.controls`` holds (image, target, eps, attack) and ``box.state["view"]`` the
+    last view, for tests and live-coding. Notebook: 14_adversarial_examples
+    """
+    import io
+
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    from .models import class_names
+
+    names = class_names(model)
+    image = widgets.IntSlider(value=0, min=0, max=len(images) - 1, description="image", continuous_update=False)
+    target = widgets.Dropdown(options=[("untargeted", -1)] + [(n, i) for i, n in enumerate(names)], value=-1,
+                              description="target")
+    eps_slider = widgets.IntSlider(value=eps, min=0, max=16, description="eps (/255)", continuous_update=False)
+    attack = widgets.Dropdown(options=["pgd", "fgsm"], value="pgd", description="attack")
+    picture = widgets.Image(format="png")
+    state: dict = {}
+
+    def redraw(_change=None):
+        i = image.value
+        view = attack_view(model, images[i:i + 1], target=None if target.value < 0 else target.value,
+                           eps=eps_slider.value / 255, attack=attack.value, steps=steps,
+                           label=None if labels is None else int(labels[i]))
+        fig = show_attack_view(view, names)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=80)
+        plt.close(fig)
+        picture.value = buffer.getvalue()
+        state["view"] = view
+
+    for control in (image, target, eps_slider, attack):
+        control.observe(redraw, names="value")
+    redraw()
+    box = widgets.VBox([widgets.HBox([image, target]), widgets.HBox([eps_slider, attack]), picture])
+    box.controls, box.state = (image, target, eps_slider, attack), state
     return box

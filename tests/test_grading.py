@@ -30,6 +30,7 @@ SOLUTIONS = ROOT / "solutions"
 ASSIGNMENTS = ROOT / "assignments"
 A1, A2 = "01_which_pixels_matter.ipynb", "02_synthesizing_images.ipynb"
 A3 = "03_style.ipynb"
+A4 = "04_adversarial.ipynb"
 
 
 # ---- check helpers -----------------------------------------------------------------------------------
@@ -134,8 +135,8 @@ def test_unbalanced_markers_raise(source, error):
 
 def test_committed_assignments_are_what_the_command_generates():
     solutions = sorted(SOLUTIONS.glob("*.ipynb"))
-    assert [p.name for p in solutions] == [A1, A2, A3]
-    assert sorted(p.name for p in ASSIGNMENTS.glob("*.ipynb")) == [A1, A2, A3]
+    assert [p.name for p in solutions] == [A1, A2, A3, A4]
+    assert sorted(p.name for p in ASSIGNMENTS.glob("*.ipynb")) == [A1, A2, A3, A4]
     stale = grader.write_assignments(SOLUTIONS, ASSIGNMENTS, check_only=True)
     assert not stale, f"assignments/ is out of date: run `lecturekit assignments` ({stale})"
 
@@ -394,6 +395,25 @@ WRONG = {
     "content_loss_at_the_wrong_layer": (A3, "style_transfer_loss",
                                         "content_loss(acts[content_layer], content_acts[content_layer])",
                                         "content_loss(acts[list(target_grams)[-1]], content_acts[list(target_grams)[-1]])"),
+    "fgsm_sign_left_out": (A4, "fgsm", "step = -eps * g.sign() if targeted else eps * g.sign()",
+                           "step = -eps * g if targeted else eps * g"),
+    "fgsm_targeted_ascends_the_loss": (A4, "fgsm", "step = -eps * g.sign() if targeted else eps * g.sign()",
+                                       "step = eps * g.sign()"),
+    "fgsm_without_clamp": (A4, "fgsm", "return (x + step).clamp(0, 1).detach()", "return (x + step).detach()"),
+    "pgd_without_projection": (A4, "pgd_step", "delta = (x_adv + alpha * g.sign() - x).clamp(-eps, eps)",
+                               "delta = x_adv + alpha * g.sign() - x"),
+    "pgd_linf_step_projected_onto_the_l2_ball": (
+        A4, "pgd_step", "delta = (x_adv + alpha * g.sign() - x).clamp(-eps, eps)",
+        "delta = x_adv + alpha * g.sign() - x\n        "
+        "delta = delta * (eps / delta.flatten(1).norm(dim=1)).clamp(max=1).view(-1, 1, 1, 1)"),
+    "pgd_eps_on_normalised_values": (A4, "pgd_step", "delta = (x_adv + alpha * g.sign() - x).clamp(-eps, eps)",
+                                     "delta = (x_adv + alpha * g.sign() - x).clamp(-eps * model.normalize.std, "
+                                     "eps * model.normalize.std)"),
+    "fooling_gradient_of_the_wrong_class": (A4, "fooling_loop", "log_p = model(x).log_softmax(1)[0, target]",
+                                            "log_p = model(x).log_softmax(1)[0].max()"),
+    "fooling_without_stopping_rule": (A4, "fooling_loop", "if log_p.item() >= math.log(threshold):", "if False:"),
+    "patch_rows_and_columns_swapped": (A4, "paste_patch", "out[:, :, top:top + s, left:left + s] = patch",
+                                       "out[:, :, left:left + s, top:top + s] = patch"),
 }
 
 
@@ -446,7 +466,7 @@ def _wrong_notebook(notebook: str, names: list[str], folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def keys():
     """The answer keys of the real assignments, built once (each runs its solution in this process)."""
-    return {notebook: grader.load_key(ASSIGNMENTS / notebook) for notebook in (A1, A2, A3)}
+    return {notebook: grader.load_key(ASSIGNMENTS / notebook) for notebook in (A1, A2, A3, A4)}
 
 
 @pytest.fixture(scope="session")
@@ -457,10 +477,10 @@ def graded(tmp_path_factory, keys):
     Graded two at a time (each grader run uses one thread), once per session.
     """
     folder = tmp_path_factory.mktemp("wrong")
-    jobs = {f"solution/{p}": (SOLUTIONS / p, None) for p in (A1, A2, A3)}
-    jobs.update({f"assignment/{p}": (ASSIGNMENTS / p, None) for p in (A1, A2, A3)})
-    jobs.update({f"unsandboxed/solution/{p}": (SOLUTIONS / p, False) for p in (A1, A2, A3)})
-    jobs.update({f"unsandboxed/assignment/{p}": (ASSIGNMENTS / p, False) for p in (A1, A2, A3)})
+    jobs = {f"solution/{p}": (SOLUTIONS / p, None) for p in (A1, A2, A3, A4)}
+    jobs.update({f"assignment/{p}": (ASSIGNMENTS / p, None) for p in (A1, A2, A3, A4)})
+    jobs.update({f"unsandboxed/solution/{p}": (SOLUTIONS / p, False) for p in (A1, A2, A3, A4)})
+    jobs.update({f"unsandboxed/assignment/{p}": (ASSIGNMENTS / p, False) for p in (A1, A2, A3, A4)})
     for notebook, names in _rounds():
         path = _wrong_notebook(notebook, names, folder)
         for name in names:
@@ -468,7 +488,7 @@ def graded(tmp_path_factory, keys):
 
     def run(job):
         path, sandbox = job
-        key = keys[{"01": A1, "02": A2, "03": A3}[path.name[:2]]]
+        key = keys[{"01": A1, "02": A2, "03": A3, "04": A4}[path.name[:2]]]
         return grader.grade(path, against=key, cell_timeout=60, timeout=240, sandbox=sandbox)
 
     unique = sorted(set(jobs.values()), key=str)
@@ -487,7 +507,7 @@ def test_catalogue_has_at_least_twelve_wrong_answers_and_each_changes_its_soluti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2, A3])
+@pytest.mark.parametrize("notebook", [A1, A2, A3, A4])
 def test_solutions_score_full_marks(graded, notebook):
     report = graded[f"solution/{notebook}"]
     failed = {e.id: e.message for e in report.exercises if not e.passed}
@@ -498,7 +518,7 @@ def test_solutions_score_full_marks(graded, notebook):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2, A3])
+@pytest.mark.parametrize("notebook", [A1, A2, A3, A4])
 def test_untouched_assignments_score_zero_on_every_exercise(graded, notebook):
     report = graded[f"assignment/{notebook}"]
     solution = graded[f"solution/{notebook}"]
@@ -509,7 +529,7 @@ def test_untouched_assignments_score_zero_on_every_exercise(graded, notebook):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2, A3])
+@pytest.mark.parametrize("notebook", [A1, A2, A3, A4])
 def test_without_a_sandbox_solutions_still_score_full_marks_and_assignments_zero(graded, notebook):
     assert graded[f"unsandboxed/solution/{notebook}"].score == 10
     assignment = graded[f"unsandboxed/assignment/{notebook}"]
