@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import check_images, check_targets
+from .data import Target, check_images, check_targets
 from .hooks import iterate_batches, model_device, preserved
 
 __all__ = ["fgsm", "pgd", "pgd_step", "project", "fooling_image", "FoolingResult", "deepfool_step", "deepfool",
@@ -121,7 +121,7 @@ def project(delta: torch.Tensor, eps: float, norm: str = "linf") -> torch.Tensor
 
 # ---- FGSM and PGD (Goodfellow et al. 2015, Madry et al. 2018) -------------------------------------------
 
-def fgsm(model: nn.Module, x: torch.Tensor, target, eps: float, targeted: bool = False,
+def fgsm(model: nn.Module, x: torch.Tensor, target: Target, eps: float, targeted: bool = False,
          labels=None) -> torch.Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015): x' = clamp(x + eps * sign(grad_x J(x, y)), 0, 1).
 
@@ -143,7 +143,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, target, eps: float, targeted: bool =
     return x_adv.detach().to(x.device)
 
 
-def pgd_step(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, target, eps: float, step_size: float,
+def pgd_step(model: nn.Module, x_adv: torch.Tensor, x: torch.Tensor, target: Target, eps: float, step_size: float,
              norm: str = "linf", targeted: bool = False) -> torch.Tensor:
     """One step of projected gradient descent (Madry et al. 2018) from the current ``x_adv``:
 
@@ -175,7 +175,7 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) 
     return (x + delta.to(x.device)).clamp(0, 1)
 
 
-def pgd(model: nn.Module, x: torch.Tensor, target, eps: float, step_size: float | None = None,
+def pgd(model: nn.Module, x: torch.Tensor, target: Target, eps: float, step_size: float | None = None,
         steps: int = 10, norm: str = "linf", random_start: bool = True, seed: int = 0, targeted: bool = False,
         labels=None, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018): ``steps`` of :func:`pgd_step` in the eps-ball.
@@ -222,7 +222,7 @@ class FoolingResult:
     l2: torch.Tensor
 
 
-def fooling_image(model: nn.Module, x: torch.Tensor, target, threshold: float = 0.99, lr: float = 0.5 / 255,
+def fooling_image(model: nn.Module, x: torch.Tensor, target: Target, threshold: float = 0.99, lr: float = 0.5 / 255,
                   steps: int = 200) -> FoolingResult:
     """The lecture's recipe: start from a real image, pick another class, ascend that class until the
     network is fooled, and report how small the change is.
@@ -284,26 +284,27 @@ def _class_gradients(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     return scores[0].detach(), grads
 
 
-def deepfool_step(model: nn.Module, x: torch.Tensor, label: int, norm: str = "l2") -> torch.Tensor:
+def deepfool_step(model: nn.Module, x: torch.Tensor, target: Target, norm: str = "l2") -> torch.Tensor:
     """One DeepFool step (Moosavi-Dezfooli et al. 2016, Alg. 2): the smallest change r that reaches the
     nearest class boundary of the model linearised at x.
 
-        w_k = grad f_k - grad f_label,  f'_k = f_k - f_label,  l = argmin_{k != label} |f'_k| / ||w_k||_q
+        w_k = grad f_k - grad f_target,  f'_k = f_k - f_target,  l = argmin_{k != target} |f'_k| / ||w_k||_q
         r = |f'_l| / ||w_l||_2^2 * w_l          (L2, q = 2)
         r = |f'_l| / ||w_l||_1 * sign(w_l)       (L-inf, q = 1)
 
     x: one image (1, 3, H, W) (not clamped: r may leave [0, 1]); returns r (1, 3, H, W), detached. For a
-    linear model, x + r lies exactly on the boundary between ``label`` and the nearest class.
+    linear model, x + r lies exactly on the boundary between ``target`` (the class x is in, the one to leave) and the nearest class.
     Notebook: 15_universal_patch_evolved
     """
     norm = _check_norm(norm)
+    target = int(target)
     with preserved(model):
         f, grads = _class_gradients(model, x)  # (K,), (K, 3, H, W)
-    w = grads - grads[label]  # (K, 3, H, W)
-    f_diff = (f - f[label]).abs()  # (K,)
+    w = grads - grads[target]  # (K, 3, H, W)
+    f_diff = (f - f[target]).abs()  # (K,)
     q_norm = w.flatten(1).abs().sum(1) if norm == "linf" else w.flatten(1).norm(dim=1)  # dual norm, (K,)
     distance = f_diff / q_norm.clamp_min(1e-12)
-    distance[label] = float("inf")
+    distance[target] = float("inf")
     l = int(distance.argmin())
     if norm == "linf":
         r = f_diff[l] / q_norm[l].clamp_min(1e-12) * w[l].sign()
@@ -440,7 +441,7 @@ class PatchResult:
     history: list = field(default_factory=list)
 
 
-def adversarial_patch(model: nn.Module, x: torch.Tensor, target: int, patch: int = 16, steps: int = 300,
+def adversarial_patch(model: nn.Module, x: torch.Tensor, target: Target, patch: int = 16, steps: int = 300,
                       lr: float = 0.05, batch_size: int = 32, seed: int = 0, progress: bool = True) -> PatchResult:
     """The adversarial patch (Brown et al. 2017): p* = argmax_p E_{x ~ X, l ~ L} log Pr(target | A(p, x, l)).
 
@@ -479,7 +480,7 @@ def adversarial_patch(model: nn.Module, x: torch.Tensor, target: int, patch: int
     return PatchResult(p.detach().to(x.device), int(target), history)
 
 
-def patch_success_rate(model: nn.Module, x: torch.Tensor, patch: torch.Tensor, target: int, labels=None,
+def patch_success_rate(model: nn.Module, x: torch.Tensor, patch: torch.Tensor, target: Target, labels=None,
                        positions: int = 4, seed: int = 0) -> float:
     """The fraction of (image, position) pairs classified as ``target`` once ``patch`` is pasted at a random
     position, ``positions`` positions per image; images whose true ``labels`` are the target are left out.

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import check_images, sample_image
-from .hooks import forward_to, model_device, preserved, resolve_layer
+from .hooks import Layer, forward_to, model_device, preserved, resolve_layer
 from .models import Normalize
 
 __all__ = [
@@ -90,17 +90,17 @@ def gram(F: torch.Tensor) -> torch.Tensor:
     return F @ F.transpose(1, 2) / F.shape[-1]  # (N, C, C)
 
 
-def content_loss(features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def content_loss(features: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
     """L_content = 1 / (C h w) sum (F - P)^2 per image: (N,) (Gatys et al. 2016, eq. 1, as a mean).
 
-    features F: (N, C, h, w) of the image being optimised at the content layer; target P: the content
+    features F: (N, C, h, w) of the image being optimised at the content layer; content P: the content
     image's features there, (N, ...) or (1, ...) for one content image. Notebook: 12_style_transfer
     """
     _check_features(features)
-    if target.shape[1:] != features.shape[1:] or target.shape[0] not in (1, features.shape[0]):
-        raise ValueError(f"expected target features of shape (1 or {features.shape[0]}, "
-                         f"{', '.join(map(str, features.shape[1:]))}), got {tuple(target.shape)}")
-    return (features - target).pow(2).flatten(1).mean(1)  # (N,)
+    if content.shape[1:] != features.shape[1:] or content.shape[0] not in (1, features.shape[0]):
+        raise ValueError(f"expected content features of shape (1 or {features.shape[0]}, "
+                         f"{', '.join(map(str, features.shape[1:]))}), got {tuple(content.shape)}")
+    return (features - content).pow(2).flatten(1).mean(1)  # (N,)
 
 
 def layer_style_loss(features: torch.Tensor, target_gram: torch.Tensor) -> torch.Tensor:
@@ -405,7 +405,7 @@ def _noise(shape, seed: int, device) -> torch.Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def texture_synthesis(model: nn.Module, texture: torch.Tensor, layers=None, *, layer_weights=None,
+def texture_synthesis(model: nn.Module, texture: torch.Tensor, layers: Sequence[Layer] | None = None, *, layer_weights=None,
                       size: int | tuple[int, int] | None = None, steps: int = 200, optimizer: str = "lbfgs",
                       lr: float | None = None, tv_weight: float = 0.0, seed: int = 0,
                       progress: bool = True) -> Synthesis:
@@ -662,17 +662,17 @@ def _recipe_style(recipe: Mapping) -> torch.Tensor:
     return sample_image(recipe["style"], size=recipe["style_size"])
 
 
-def training_crops(n: int, size: int = 128, seed: int = 0, images: Sequence[str] = TRAIN_IMAGES) -> torch.Tensor:
-    """``n`` seeded random crops (n, 3, size, size) of the bundled photos ``images``, flipped at random.
+def training_crops(n: int, size: int = 128, seed: int = 0, photos: Sequence[str] = TRAIN_IMAGES) -> torch.Tensor:
+    """``n`` seeded random crops (n, 3, size, size) of the bundled photos named in ``photos``, flipped at random.
 
     Each crop picks a photo, a scale (the crop covers 1/4 to 1/2 of the photo's shorter side, resized
     to ``size``) and a position. Notebook: 13_fast_style_transfer
     """
     gen = torch.Generator().manual_seed(seed)
-    photos = [_photo(name) for name in images]
+    pictures = [_photo(name) for name in photos]
     crops = []
     for _ in range(n):
-        photo = photos[int(torch.randint(len(photos), (1,), generator=gen))]
+        photo = pictures[int(torch.randint(len(pictures), (1,), generator=gen))]
         H, W = photo.shape[-2:]
         side = int(min(H, W) * (0.25 + 0.25 * float(torch.rand(1, generator=gen))))
         y = int(torch.randint(H - side + 1, (1,), generator=gen))

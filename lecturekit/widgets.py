@@ -225,7 +225,7 @@ def prior_explorer(model: nn.Module, target: Target = 0, steps: int = 100, lr: f
 
 # ---- Texture and style (notebook 12): style-weight and layer explorer ---------------------------
 
-def style_view(model, content, style, style_weight: float = 1e2, layers=None, content_layer=None,
+def style_view(model, content, style, style_weight: float = 1e2, layers: list[Layer] | None = None, content_layer=None,
                steps: int = 30, seed: int = 0):
     """Pure function behind :func:`style_explorer`: one style transfer with the given style weight and
     style layers; returns the :class:`lecturekit.style.Synthesis` (image (1, 3, H, W) and losses).
@@ -237,7 +237,7 @@ def style_view(model, content, style, style_weight: float = 1e2, layers=None, co
                           style_weight=style_weight, steps=steps, seed=seed, progress=False)
 
 
-def style_explorer(model, content, style, layers=None, style_weight: float = 1e2, steps: int = 30,
+def style_explorer(model, content, style, layers: list[Layer] | None = None, style_weight: float = 1e2, steps: int = 30,
                    seed: int = 0):
     """A log slider for the style weight and a multiple selection of style layers over :func:`style_view`;
     the stylised image is recomputed when a control is released. ``layers``: the layers offered
@@ -287,13 +287,16 @@ def style_explorer(model, content, style, layers=None, style_weight: float = 1e2
     redraw()
     box = widgets.VBox([widgets.HBox([weight, chosen]), out])
     box.controls, box.state = (weight, chosen), state
+    return box
+
+
 # ---- Adversarial examples (notebook 14): attack explorer -------------------------------------------
 
-def attack_view(model, x, target=None, eps: float = 4 / 255, attack: str = "pgd", steps: int = 10,
-                label: int | None = None):
+def attack_view(model: nn.Module, x: torch.Tensor, target: Target | None = None, eps: float = 4 / 255, attack: str = "pgd",
+                steps: int = 10, true_class: int | None = None):
     """Pure function behind :func:`attack_explorer`: attack one image x (1, 3, H, W) and measure it.
 
-    ``target`` None (or equal to ``label``): untargeted, away from ``label`` (default: the model's
+    ``target`` None (or equal to ``true_class``): untargeted, away from ``true_class`` (default: the model's
     prediction); otherwise a targeted attack towards ``target``. ``attack``: ``"fgsm"`` or ``"pgd"``
     (L-inf, ``steps`` steps, no random start). Returns a ``SimpleNamespace`` with image, adversarial
     (1, 3, H, W), perturbation (1, 3, H, W), probs (2, K) (clean, adversarial), eps, target, label.
@@ -309,7 +312,7 @@ def attack_view(model, x, target=None, eps: float = 4 / 255, attack: str = "pgd"
         raise ValueError(f"expected one image (1, 3, H, W), got {tuple(x.shape)}")
     with torch.no_grad():
         clean = model(x).softmax(1)  # (1, K)
-    label = int(clean.argmax(1)) if label is None else int(label)
+    label = int(clean.argmax(1)) if true_class is None else int(true_class)
     targeted = target is not None and int(target) != label
     goal = int(target) if targeted else label
     if attack == "fgsm":
@@ -353,7 +356,7 @@ def show_attack_view(view, class_names=None):
     return fig
 
 
-def attack_explorer(model, images, labels=None, eps: int = 4, steps: int = 10):
+def attack_explorer(model: nn.Module, x: torch.Tensor, labels=None, eps: int = 4, steps: int = 10):
     """Pick an image, a target class (or untargeted) and eps (in grey levels, 0-16) and an attack;
     see the perturbation, the adversarial image and the class probabilities update (:func:`attack_view`).
 
@@ -368,7 +371,7 @@ def attack_explorer(model, images, labels=None, eps: int = 4, steps: int = 10):
     from .models import class_names
 
     names = class_names(model)
-    image = widgets.IntSlider(value=0, min=0, max=len(images) - 1, description="image", continuous_update=False)
+    image = widgets.IntSlider(value=0, min=0, max=len(x) - 1, description="image", continuous_update=False)
     target = widgets.Dropdown(options=[("untargeted", -1)] + [(n, i) for i, n in enumerate(names)], value=-1,
                               description="target")
     eps_slider = widgets.IntSlider(value=eps, min=0, max=16, description="eps (/255)", continuous_update=False)
@@ -378,9 +381,9 @@ def attack_explorer(model, images, labels=None, eps: int = 4, steps: int = 10):
 
     def redraw(_change=None):
         i = image.value
-        view = attack_view(model, images[i:i + 1], target=None if target.value < 0 else target.value,
+        view = attack_view(model, x[i:i + 1], target=None if target.value < 0 else target.value,
                            eps=eps_slider.value / 255, attack=attack.value, steps=steps,
-                           label=None if labels is None else int(labels[i]))
+                           true_class=None if labels is None else int(labels[i]))
         fig = show_attack_view(view, names)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=80)

@@ -118,7 +118,7 @@ def test_loss_inputs_are_validated():
         S.gram(torch.zeros(3, 4))
     with pytest.raises(TypeError, match="torch.Tensor"):
         S.gram([[1.0]])
-    with pytest.raises(ValueError, match="target features of shape"):
+    with pytest.raises(ValueError, match="content features of shape"):
         S.content_loss(torch.zeros(2, 3, 4, 4), torch.zeros(3, 3, 4, 4))
     with pytest.raises(ValueError, match="target Gram matrix of shape"):
         S.layer_style_loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 16, 16))
