@@ -12,8 +12,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _SUBMODULES = ("data", "models", "hooks", "training", "plotting", "features", "receptive_field", "attribution",
-               "evaluation", "synthesis", "widgets", "grading", "grader", "cli")
-# "style" and "adversarial" are added here by their own issues, when the modules exist.
+               "evaluation", "synthesis", "style", "adversarial", "widgets", "grading", "grader", "colab", "cli")
 
 
 def __getattr__(name):
