@@ -31,11 +31,24 @@ __all__ = [
     "class_names",
     "with_normalization",
     "WEIGHTS_PATH",
+    "BUNDLED_WEIGHTS",
+    "weights_path",
     "SHAPES_MEAN",
     "SHAPES_STD",
 ]
 
 WEIGHTS_PATH = Path(__file__).parent / "weights" / "coursenet.pt"
+# The bundled CourseNet weights, by name: the course model, the same recipe from another seed (for
+# transfer attacks, notebook 15) and the adversarially trained model (notebook 16). `lecturekit train`
+# (with --seed 1, --robust) reproduces each.
+BUNDLED_WEIGHTS = {"standard": "coursenet.pt", "seed1": "coursenet_seed1.pt", "robust": "coursenet_robust.pt"}
+
+
+def weights_path(weights: str = "standard") -> Path:
+    """The file of the bundled CourseNet weights named ``weights`` (one of ``BUNDLED_WEIGHTS``)."""
+    if weights not in BUNDLED_WEIGHTS:
+        raise ValueError(f"unknown course-model weights {weights!r}; expected one of {sorted(BUNDLED_WEIGHTS)}")
+    return WEIGHTS_PATH if weights == "standard" else WEIGHTS_PATH.parent / BUNDLED_WEIGHTS[weights]
 # CourseNet's input normalisation: channel statistics of ShapesWorld's first palette. Today's palette
 # (muted backgrounds) measures mean 0.44 and std 0.20 per channel; the bundled weights were trained
 # with these values, and BatchNorm after the first convolution absorbs any such affine map, so they
@@ -120,20 +133,24 @@ def fuse_batchnorm(model: CourseNet) -> CourseNet:
     return plain.eval()
 
 
-def course_model(pretrained: bool = True, seed: int = 0, device=None) -> CourseNet:
+def course_model(pretrained: bool = True, seed: int = 0, device=None, weights: str = "standard") -> CourseNet:
     """CourseNet in eval mode: the bundled ShapesWorld weights, or (``pretrained=False``) seeded random ones.
 
     The weights ship inside the package (``lecturekit/weights/coursenet.pt``) and are read with
     ``torch.load(weights_only=True)``: offline, and nothing is unpickled. ``lecturekit train`` makes them.
+    ``weights``: ``"standard"`` (the course model), ``"seed1"`` (the same recipe from training seed 1,
+    for transfer attacks) or ``"robust"`` (fast adversarial training, eps = 8/255; notebook 16).
     """
+    path = weights_path(weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CourseNet()
     if pretrained:
-        if not WEIGHTS_PATH.is_file():
-            raise FileNotFoundError(f"the course model's weights are missing: expected {WEIGHTS_PATH}. "
-                                    "Run `lecturekit train` to make them.")
-        state = torch.load(WEIGHTS_PATH, map_location="cpu", weights_only=True)
+        if not path.is_file():
+            flag = {"standard": "", "seed1": " --seed 1", "robust": " --robust"}[weights]
+            raise FileNotFoundError(f"the course model's weights are missing: expected {path}. "
+                                    f"Run `lecturekit train{flag}` to make them.")
+        state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"] if "model" in state else state)
     model.eval()
     return model.to(device) if device is not None else model
