@@ -107,10 +107,21 @@ def _cmd_lab(args) -> int:
 
 def _cmd_train(args) -> int:
     from . import data, training
+    from .models import weights_path
 
-    model, history = training.train_course_model(steps=args.steps, seed=args.seed, out=Path(args.out),
-                                                 progress=not args.quiet)
-    test = data.shapes(2000, seed=training.TEST_SEED)
+    # --pooling max / --biased make notebook 06's GMP model and notebook 04's biased model; their
+    # default out path is their own bundled file (models.weights_path).
+    if args.biased and args.pooling == "max":
+        print("choose one of --pooling max and --biased (each bundled variant changes one thing)", file=sys.stderr)
+        return 2
+    variant = "gmp" if args.pooling == "max" else "biased" if args.biased else None
+    out = Path(args.out) if args.out else weights_path(variant or "standard")
+    args.out = out
+    bias = training.BIAS if args.biased else None
+    model, history = training.train_course_model(steps=args.steps, seed=args.seed, out=out,
+                                                 progress=not args.quiet, pooling=args.pooling, bias=bias)
+    test = (data.shapes(2000, seed=training.TEST_SEED) if bias is None
+            else data.biased_shapes(2000, seed=training.TEST_SEED, bias=bias))
     print(f"trained {args.steps} steps in {history.seconds:.0f} s; validation accuracy "
           f"{history.val_acc[-1]:.4f}; held-out test accuracy {training.evaluate(model, test):.4f}; "
           f"saved {args.out}")
@@ -181,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_cmd_course)
 
     p = sub.add_parser("train", help="reproduce the bundled course-model weights")
-    p.add_argument("--out", default=str(WEIGHTS_PATH), help=f"where to save (default: {WEIGHTS_PATH})")
+    p.add_argument("--out", default=None, help=f"where to save (default: {WEIGHTS_PATH}, or the variant's file)")
     p.add_argument("--steps", type=int, default=RECIPE["steps"])
+    p.add_argument("--pooling", choices=("avg", "max"), default="avg",
+                   help="global pooling: avg (GAP, the course model) or max (GMP, notebook 06)")
+    p.add_argument("--biased", action="store_true",
+                   help="train on data.biased_shapes (circles on snow, notebook 04)")
     p.add_argument("--seed", type=int, default=RECIPE["seed"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
