@@ -312,8 +312,8 @@ def class_score_maps(model: nn.Module, x: torch.Tensor, layer: Layer | None = No
     layer, linear, fc_name = _cam_layers(model, layer, fc)
     with preserved(model), torch.no_grad():
         _, M = _score_maps(model, x, layer, linear, fc_name)  # (N, K, h, w)
-        bias = linear.bias[None, :, None, None] if linear.bias is not None else 0
-    return (M + bias).to(x.device)
+        S = M + (linear.bias[None, :, None, None] if linear.bias is not None else 0)  # S_c(i, j)
+    return S.to(x.device)
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, target: Target, layer: Layer, relu: bool = True,
