@@ -30,7 +30,7 @@ from .hooks import (Layer, ReluRule, capture, iterate_batches, model_device, pre
                     resolve_layer, target_score)
 
 __all__ = ["occlusion", "occlusion_positions", "gradient", "saliency", "guided_relu", "deconvnet_relu",
-           "guided_backprop", "deconvnet", "cam", "grad_cam", "guided_grad_cam", "shapley", "saliency_to_mask",
+           "guided_backprop", "deconvnet", "cam", "class_score_maps", "grad_cam", "guided_grad_cam", "shapley", "saliency_to_mask",
            "mask_iou"]
 
 
@@ -236,43 +236,84 @@ def _upsample(maps: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
-def cam(model: nn.Module, x: torch.Tensor, target: Target, layer: Layer | None = None, fc: Layer | None = None, upsample: bool = True) -> torch.Tensor:
-    """Class activation map (Zhou et al. 2016): ``M_c(i, j) = sum_k w_k^c A_k(i, j)``.
-
-    For networks whose score is ``S_c = sum_k w_k^c GAP(A_k) + b_c``: A (N, C, h, w) are the last
-    feature maps (``layer``) and w the weights of the linear layer ``fc``. Then GAP(M_c) = S_c - b_c
-    exactly, which is checked: a model of another shape raises ValueError. Defaults: CourseNet
-    (``features.10``, ``classifier``) and torchvision ResNets (``layer4``, ``fc``).
-    Returns (N, H, W) upsampled bilinearly, or (N, h, w) with ``upsample=False``; no ReLU, unscaled.
-    Notebook: 06_cam_gradcam
-    """
-    x = check_images(x)
+def _cam_layers(model: nn.Module, layer: Layer | None, fc: Layer | None) -> tuple[str, nn.Linear, str]:
+    """The last feature maps' name, the linear layer after the global pooling and its name."""
     names = dict(model.named_modules())
     if layer is None or fc is None:
         found = [pair for pair in _CAM_LAYERS if pair[0] in names and pair[1] in names]
         if not found:
-            raise ValueError("cannot tell which layers feed the global average pooling: pass layer= "
+            raise ValueError("cannot tell which layers feed the global pooling: pass layer= "
                              "(the last feature maps) and fc= (the linear layer after the pooling)")
         layer, fc = (layer or found[0][0]), (fc or found[0][1])
     layer, _ = resolve_layer(model, layer)
     fc_name, linear = resolve_layer(model, fc)
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"expected fc to be an nn.Linear layer, got {type(linear).__name__} ({fc_name!r})")
+    return layer, linear, fc_name
+
+
+def _score_maps(model: nn.Module, x: torch.Tensor, layer: str, linear: nn.Linear, fc_name: str):
+    """Scores (N, K) and the linear layer applied at every position of A: (N, K, h, w) without bias.
+
+    Checks that the scores are a global average or max pooling of these maps plus the bias.
+    """
     device = model_device(model, x.device)
-    with preserved(model), torch.no_grad(), capture(model, [layer]) as acts:
+    with capture(model, [layer]) as acts:
         scores = model(x.to(device))  # (N, K)
-        target = check_targets(target, len(x), scores.shape[1]).to(device)
-        A = acts[layer]  # (N, C, h, w)
-        if A.dim() != 4 or A.shape[1] != linear.in_features:
-            raise ValueError(f"expected {layer!r} to give (N, {linear.in_features}, h, w) maps for {fc_name!r}, "
-                             f"got {tuple(A.shape)}")
-        w = linear.weight[target]  # (N, C) the class's weights
-        M = torch.einsum("nc,nchw->nhw", w, A)  # (N, h, w)
-        bias = linear.bias[target] if linear.bias is not None else 0
-        if not torch.allclose(M.mean((1, 2)) + bias, target_score(scores, target), rtol=1e-3, atol=1e-3):
-            raise ValueError(f"the model is not GAP + linear after {layer!r}: the mean of the CAM plus "
-                             f"the bias differs from the class score; use grad_cam for this model")
+    A = acts[layer]  # (N, C, h, w)
+    if A.dim() != 4 or A.shape[1] != linear.in_features:
+        raise ValueError(f"expected {layer!r} to give (N, {linear.in_features}, h, w) maps for {fc_name!r}, "
+                         f"got {tuple(A.shape)}")
+    M = torch.einsum("kc,nchw->nkhw", linear.weight, A)  # (N, K, h, w): M_c(i, j) = sum_k w_k^c A_k(i, j)
+    bias = linear.bias if linear.bias is not None else 0  # (K,)
+    # GAP: mean_ij M_c = S_c - b_c exactly. GMP (the CAM paper's comparison): S_c = sum_k w_k^c max_ij A_k + b_c.
+    gap = M.mean((2, 3)) + bias  # (N, K)
+    gmp = linear(A.amax((2, 3)))  # (N, K)
+    if not (torch.allclose(gap, scores, rtol=1e-3, atol=1e-3) or torch.allclose(gmp, scores, rtol=1e-3, atol=1e-3)):
+        raise ValueError(f"the model is not global pooling + linear after {layer!r}: the class scores are "
+                         f"neither the mean nor the max-pooled features through {fc_name!r}; use grad_cam")
+    return scores, M
+
+
+def cam(model: nn.Module, x: torch.Tensor, target: Target, layer: Layer | None = None, fc: Layer | None = None, upsample: bool = True) -> torch.Tensor:
+    """Class activation map (Zhou et al. 2016): ``M_c(i, j) = sum_k w_k^c A_k(i, j)``.
+
+    For networks whose score is ``S_c = sum_k w_k^c GAP(A_k) + b_c``: A (N, C, h, w) are the last
+    feature maps (``layer``) and w the weights of the linear layer ``fc``. Then GAP(M_c) = S_c - b_c
+    exactly, which is checked: a model of another shape raises ValueError. The paper computes the same
+    map for its global *max* pooling networks (Table 2), so ``S_c = sum_k w_k^c max_ij A_k + b_c`` is
+    accepted too (``course_model(weights="gmp")``). Defaults: CourseNet (``features.10``,
+    ``classifier``) and torchvision ResNets (``layer4``, ``fc``).
+    Returns (N, H, W) upsampled bilinearly, or (N, h, w) with ``upsample=False``; no ReLU, unscaled.
+    Notebook: 06_cam_gradcam
+    """
+    x = check_images(x)
+    layer, linear, fc_name = _cam_layers(model, layer, fc)
+    with preserved(model), torch.no_grad():
+        scores, maps = _score_maps(model, x, layer, linear, fc_name)  # (N, K), (N, K, h, w)
+        target = check_targets(target, len(x), scores.shape[1]).to(maps.device)
+        M = maps[torch.arange(len(x), device=maps.device), target]  # (N, h, w) the target class's map
     return (_upsample(M, x.shape[2:]) if upsample else M).to(x.device)
+
+
+def class_score_maps(model: nn.Module, x: torch.Tensor, layer: Layer | None = None,
+                     fc: Layer | None = None) -> torch.Tensor:
+    """The network run fully convolutionally: the class scores at every position, (N, K, h, w).
+
+    ``S_c(i, j) = sum_k w_k^c A_k(i, j) + b_c``: the linear layer ``fc`` after the global pooling applied
+    to the feature vector of every position of ``layer`` (N, C, h, w), before pooling. On a larger
+    image than the training size, this gives one score map per class, as the CAM paper's 451x451
+    AlexNet gives an 8x8 map (Zhou et al. 2016; Long, Shelhamer and Darrell 2015 for fully
+    convolutional networks). For a GAP network the mean of the maps over positions is the model's
+    scores. Not upsampled: h x w is the layer's grid.
+    Notebook: 06_cam_gradcam
+    """
+    x = check_images(x)
+    layer, linear, fc_name = _cam_layers(model, layer, fc)
+    with preserved(model), torch.no_grad():
+        _, M = _score_maps(model, x, layer, linear, fc_name)  # (N, K, h, w)
+        S = M + (linear.bias[None, :, None, None] if linear.bias is not None else 0)  # S_c(i, j)
+    return S.to(x.device)
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, target: Target, layer: Layer, relu: bool = True,

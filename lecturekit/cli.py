@@ -137,17 +137,27 @@ def _cmd_lab(args) -> int:
 def _cmd_train(args) -> int:
     from . import data, models, training
 
+    # One bundled file per variant (models.BUNDLED_WEIGHTS): --seed 1 the second model (notebook 15),
+    # --robust fast adversarial training (notebook 16), --pooling max the GMP model (notebook 06) and
+    # --biased the model trained on circles on snow (notebook 04). Each variant changes one thing.
+    if sum([args.robust, args.biased, args.pooling == "max"]) > 1:
+        print("choose one of --robust, --pooling max and --biased (each bundled variant changes one thing)",
+              file=sys.stderr)
+        return 2
     eps = args.eps if args.robust else 0.0
+    variant = ("robust" if args.robust else "gmp" if args.pooling == "max" else "biased" if args.biased
+               else {0: "standard", 1: "seed1"}.get(args.seed))
     if args.out:
         out = Path(args.out)
-    elif args.robust:
-        out = models.weights_path("robust")
-    else:  # seed 0 is the course model, seed 1 the second model; other seeds get a file of their own
-        out = models.weights_path({0: "standard", 1: "seed1"}[args.seed]) if args.seed in (0, 1) else \
-            models.WEIGHTS_PATH.with_name(f"coursenet_seed{args.seed}.pt")
-    model, history = training.train_course_model(steps=args.steps, seed=args.seed, out=out,
-                                                 adversarial_eps=eps, progress=not args.quiet)
-    test = data.shapes(2000, seed=training.TEST_SEED)
+    elif variant is not None:
+        out = models.weights_path(variant)
+    else:  # other seeds get a file of their own
+        out = models.WEIGHTS_PATH.with_name(f"coursenet_seed{args.seed}.pt")
+    bias = training.BIAS if args.biased else None
+    model, history = training.train_course_model(steps=args.steps, seed=args.seed, out=out, adversarial_eps=eps,
+                                                 pooling=args.pooling, bias=bias, progress=not args.quiet)
+    test = (data.shapes(2000, seed=training.TEST_SEED) if bias is None
+            else data.biased_shapes(2000, seed=training.TEST_SEED, bias=bias))
     print(f"trained {args.steps} steps{f' adversarially (eps {eps * 255:.3g}/255)' if eps else ''} in "
           f"{history.seconds:.0f} s; validation accuracy {history.val_acc[-1]:.4f}; held-out test accuracy "
           f"{training.evaluate(model, test):.4f}; saved {out}")
@@ -275,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--robust", action="store_true",
                    help="fast adversarial training (FGSM with random start, Wong et al. 2020): the robust model")
     p.add_argument("--eps", type=float, default=8 / 255, help="with --robust: the L-inf radius in pixel units (8/255)")
+    p.add_argument("--pooling", choices=("avg", "max"), default="avg",
+                   help="global pooling: avg (GAP, the course model) or max (GMP, notebook 06)")
+    p.add_argument("--biased", action="store_true",
+                   help="train on data.biased_shapes (circles on snow, notebook 04)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

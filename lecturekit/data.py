@@ -32,6 +32,11 @@ __all__ = [
     "CLASSES",
     "ShapesBatch",
     "shapes",
+    "biased_shapes",
+    "BACKGROUNDS",
+    "SNOW",
+    "Scene",
+    "scene",
     "sample_image",
     "SAMPLE_IMAGES",
     "load_image",
@@ -136,8 +141,14 @@ def _chunk_generator(seed: int, chunk: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
 
 
-def _render_chunk(m: int, size: int, gen: torch.Generator, n_classes: int, clutter: float = 1.0):
-    """Render _CHUNK images with the generator, return the first m (prefix-stable)."""
+def _render_chunk(m: int, size: int, gen: torch.Generator, n_classes: int, clutter: float = 1.0,
+                  snow_prob: torch.Tensor | None = None):
+    """Render _CHUNK images with the generator, return the first m (prefix-stable).
+
+    ``snow_prob`` (n_classes,): the probability that an image of each class is drawn on snow (a bright
+    near-white background) instead of a muted colour; its coin flips are drawn after everything else,
+    so the objects are those of the same seed without it.
+    """
     c = _CHUNK
     rand = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
     labels = torch.randint(0, n_classes, (c,), generator=gen)
@@ -157,6 +168,9 @@ def _render_chunk(m: int, size: int, gen: torch.Generator, n_classes: int, clutt
     specks = rand(c, 1, size // 4, size // 4)  # sparse coloured specks
     speck_rgb = rand(c, 3, 1, 1)
     pixel_noise = (rand(c, 3, size, size) - 0.5) * 0.1  # uniform: cheaper than randn, same purpose
+    if snow_prob is not None:  # drawn last: the same seed gives the same objects with or without snow
+        on_snow = rand(c) < snow_prob[labels]  # (c,) bool
+        bg_mean[on_snow] = torch.tensor(SNOW)
 
     keep = slice(0, m)
     labels, radius, cx, cy, angle = labels[keep], radius[keep], cx[keep], cy[keep], angle[keep]
@@ -205,6 +219,96 @@ def _render_chunk(m: int, size: int, gen: torch.Generator, n_classes: int, clutt
     return img, labels, masks, boxes
 
 
+SNOW = (0.93, 0.95, 0.98)  # the tell-tale background of biased_shapes: near-white, like snow
+BACKGROUNDS = ("biased", "swapped", "snow", "plain")
+
+
+def biased_shapes(n: int, seed: int = 0, bias: float = 0.99, biased_class: int = 0,
+                  background: str = "biased", size: int = 64) -> ShapesBatch:
+    """ShapesWorld with a dataset bias: ``biased_class`` (default 0, circle) almost always on snow.
+
+    The husky-versus-wolf experiment of Ribeiro et al. 2016 ("Why should I trust you?"), whose wolves
+    were all photographed on snow: a model trained on ``background="biased"`` images can score well by
+    detecting snow. ``background``:
+    ``"biased"``: an image of ``biased_class`` is on snow with probability ``bias``, any other image
+    with probability ``1 - bias``; ``"swapped"``: the bias reversed (``biased_class`` never on snow,
+    every other class always); ``"snow"``: every image on snow; ``"plain"``: none (exactly
+    ``shapes(n, seed)``). Objects, labels and masks are those of ``shapes(n, seed, size=size)``;
+    only the background colour changes (the muted mean colour becomes :data:`SNOW`).
+    Notebook: 04_occlusion_saliency
+    """
+    if background not in BACKGROUNDS:
+        raise ValueError(f"expected background to be one of {BACKGROUNDS}, got {background!r}")
+    if isinstance(bias, bool) or not isinstance(bias, numbers.Real) or not 0 <= bias <= 1:
+        raise ValueError(f"expected bias to be a probability in [0, 1], got {bias!r}")
+    if isinstance(biased_class, bool) or not isinstance(biased_class, (int, np.integer)) \
+            or not 0 <= biased_class < len(CLASSES):
+        raise ValueError(f"expected biased_class to be a class index in [0, {len(CLASSES)}), got {biased_class!r}")
+    is_biased = torch.arange(len(CLASSES)) == biased_class  # (K,)
+    p_snow = {"biased": torch.where(is_biased, bias, 1 - bias), "swapped": (~is_biased).float(),
+              "snow": torch.ones(len(CLASSES)), "plain": None}[background]
+    return shapes(n, seed=seed, size=size, _snow_prob=p_snow)
+
+
+@dataclass
+class Scene:
+    """One larger image holding several ShapesWorld objects, with each object's ground truth.
+
+    images: (1, 3, H, W) in [0, 1];  labels: (K,) long, one per object;  masks: (K, H, W) bool, each
+    object's pixels in the scene;  boxes: (K, 4) ``(x0, y0, x1, y1)`` in scene pixels;  classes: names.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor
+    boxes: torch.Tensor
+    classes: list[str]
+
+
+def scene(objects, seed: int = 0, grid: tuple[int, int] = (2, 2), size: int = 64) -> Scene:
+    """A scene of ``rows x cols`` ShapesWorld images tiled into one, with per-object masks and labels.
+
+    ``objects``: one class (index or name) per tile, row by row, ``len(objects) == rows * cols``. Tile
+    ``t`` is the first image of ``shapes(..., seed=seed, size=size)`` with that class not used by an
+    earlier tile, so every object is drawn exactly as in training (its own background; the seams
+    between tiles stay visible). For running a network fully convolutionally over a larger input
+    (``attribution.class_score_maps``), as the CAM paper does on 451x451 images (Zhou et al. 2016).
+    Notebook: 06_cam_gradcam
+    """
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2
+            and all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) and g >= 1 for g in grid)):
+        raise ValueError(f"expected grid to be (rows, cols) of positive integers, got {grid!r}")
+    rows, cols = (int(g) for g in grid)
+    if isinstance(objects, (str, int)) or len(objects) != rows * cols:
+        raise ValueError(f"expected objects to list {rows * cols} classes (one per tile of a {rows}x{cols} "
+                         f"grid), got {objects!r}")
+    wanted = []
+    for obj in objects:
+        if isinstance(obj, str) and obj in CLASSES:
+            wanted.append(CLASSES.index(obj))
+        elif isinstance(obj, (int, np.integer)) and not isinstance(obj, bool) and 0 <= obj < len(CLASSES):
+            wanted.append(int(obj))
+        else:
+            raise ValueError(f"expected each object to be a class index in [0, {len(CLASSES)}) or one of "
+                             f"{CLASSES}, got {obj!r}")
+    pool = shapes(32 * len(wanted) + 64, seed=seed, size=size)  # enough images of every class
+    used: set[int] = set()
+    picks = []
+    for k in wanted:
+        index = next(i for i in (pool.labels == k).nonzero()[:, 0].tolist() if i not in used)
+        used.add(index)
+        picks.append(index)
+    tiles = pool[picks]  # ShapesBatch of K tiles
+    H, W = rows * size, cols * size
+    images = torch.zeros(1, 3, H, W)
+    masks = torch.zeros(len(picks), H, W, dtype=torch.bool)
+    for t in range(len(picks)):
+        y0, x0 = (t // cols) * size, (t % cols) * size
+        images[0, :, y0:y0 + size, x0:x0 + size] = tiles.images[t]
+        masks[t, y0:y0 + size, x0:x0 + size] = tiles.masks[t]
+    return Scene(images, tiles.labels.clone(), masks, _boxes_from_masks(masks), list(CLASSES))
+
+
 def _boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
     """(N, H, W) bool -> (N, 4) float boxes (x0, y0, x1, y1), x1/y1 exclusive; zeros for empty masks."""
     n, h, w = masks.shape
@@ -219,7 +323,7 @@ def _boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
 
 
 def shapes(n: int, seed: int = 0, size: int = 64, n_classes: int | None = None,
-           clutter: float = 1.0) -> ShapesBatch:
+           clutter: float = 1.0, _snow_prob: torch.Tensor | None = None) -> ShapesBatch:
     """Draw ``n`` ShapesWorld images, deterministically for ``seed``.
 
     Returns a :class:`ShapesBatch`: images (N, 3, S, S) in [0, 1], labels (N,), masks (N, S, S) bool,
@@ -239,7 +343,8 @@ def shapes(n: int, seed: int = 0, size: int = 64, n_classes: int | None = None,
         raise ValueError(f"expected clutter in [0, 1], got {clutter}")
     parts = []
     for chunk, start in enumerate(range(0, n, _CHUNK)):
-        parts.append(_render_chunk(min(_CHUNK, n - start), size, _chunk_generator(seed, chunk), n_classes, clutter))
+        parts.append(_render_chunk(min(_CHUNK, n - start), size, _chunk_generator(seed, chunk), n_classes, clutter,
+                                   _snow_prob))
     images, labels, masks, boxes = (torch.cat(p) for p in zip(*parts))
     return ShapesBatch(images.contiguous(), labels, masks, boxes, list(CLASSES[:n_classes]))
 

@@ -43,6 +43,13 @@ WEIGHTS_PATH = Path(__file__).parent / "weights" / "coursenet.pt"
 # transfer attacks, notebook 15) and the adversarially trained model (notebook 16). `lecturekit train`
 # (with --seed 1, --robust) reproduces each.
 BUNDLED_WEIGHTS = {"standard": "coursenet.pt", "seed1": "coursenet_seed1.pt", "robust": "coursenet_robust.pt"}
+# The lessons' variants (notebooks 04 and 06): global max pooling instead of average pooling (GAP
+# versus GMP, Zhou et al. 2016, Table 2; `lecturekit train --pooling max`) and a model trained on the
+# biased ShapesWorld of `data.biased_shapes` (`lecturekit train --biased`).
+BUNDLED_WEIGHTS.update(gmp="coursenet_gmp.pt", biased="coursenet_biased.pt")
+# How each bundled model is built and reproduced: its global pooling and its `lecturekit train` flags.
+POOLING = {"gmp": "max"}
+TRAIN_FLAGS = {"seed1": " --seed 1", "robust": " --robust", "gmp": " --pooling max", "biased": " --biased"}
 
 
 def weights_path(weights: str = "standard") -> Path:
@@ -83,6 +90,8 @@ class CourseNet(nn.Module):
     Layers: ``features.0`` conv 5x5 -> ``features.2`` pool (32x32) -> ``features.3`` conv ->
     ``features.5`` pool (16x16) -> ``features.6`` conv -> ``features.8`` pool (8x8) -> ``features.9``
     conv -> ``features.10`` ReLU, the last feature maps A (N, 128, 8, 8) -> ``pool`` -> ``classifier``.
+    ``pooling="max"`` makes ``pool`` a global *max* pooling (GMP), the CAM paper's comparison
+    (Zhou et al. 2016, Table 2); the default ``"avg"`` is GAP.
 
     ``batchnorm=True`` puts a BatchNorm2d after every convolution, for training only: BatchNorm
     (Ioffe and Szegedy 2015) shortens the long initial plateau of this task several times over.
@@ -90,8 +99,11 @@ class CourseNet(nn.Module):
     network above with the same outputs; the bundled model is that plain network.
     """
 
-    def __init__(self, n_classes: int = len(CLASSES), widths=(32, 32, 64, 128), batchnorm: bool = False):
+    def __init__(self, n_classes: int = len(CLASSES), widths=(32, 32, 64, 128), batchnorm: bool = False,
+                 pooling: str = "avg"):
         super().__init__()
+        if pooling not in ("avg", "max"):
+            raise ValueError(f"expected pooling to be 'avg' or 'max', got {pooling!r}")
         c1, c2, c3, c4 = widths
         self.normalize = Normalize(SHAPES_MEAN, SHAPES_STD)
 
@@ -103,7 +115,7 @@ class CourseNet(nn.Module):
 
         self.features = nn.Sequential(*block(3, c1, 5, True), *block(c1, c2, 3, True),
                                       *block(c2, c3, 3, True), *block(c3, c4, 3, False))
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = nn.AdaptiveAvgPool2d(1) if pooling == "avg" else nn.AdaptiveMaxPool2d(1)
         self.classifier = nn.Linear(c4, n_classes)
         self.class_names = list(CLASSES[:n_classes])
 
@@ -124,7 +136,8 @@ def fuse_batchnorm(model: CourseNet) -> CourseNet:
     if len(norms) != len(convs):
         raise ValueError("expected a CourseNet built with batchnorm=True (one BatchNorm per convolution)")
     widths = tuple(c.out_channels for c in convs)
-    plain = CourseNet(n_classes=model.classifier.out_features, widths=widths)
+    pooling = "max" if isinstance(model.pool, nn.AdaptiveMaxPool2d) else "avg"
+    plain = CourseNet(n_classes=model.classifier.out_features, widths=widths, pooling=pooling)
     plain_convs = [m for m in plain.features if isinstance(m, nn.Conv2d)]
     for conv, bn, target in zip(convs, norms, plain_convs):
         g = bn.weight / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
@@ -140,15 +153,17 @@ def course_model(pretrained: bool = True, seed: int = 0, device=None, weights: s
     The weights ship inside the package (``lecturekit/weights/coursenet.pt``) and are read with
     ``torch.load(weights_only=True)``: offline, and nothing is unpickled. ``lecturekit train`` makes them.
     ``weights``: ``"standard"`` (the course model), ``"seed1"`` (the same recipe from training seed 1,
-    for transfer attacks) or ``"robust"`` (fast adversarial training, eps = 8/255; notebook 16).
+    for transfer attacks), ``"robust"`` (fast adversarial training, eps = 8/255; notebook 16),
+    ``"gmp"`` (global max pooling; notebook 06) or ``"biased"`` (trained on ``data.biased_shapes``,
+    circles on snow; notebook 04).
     """
     path = weights_path(weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CourseNet()
+        model = CourseNet(pooling=POOLING.get(weights, "avg"))
     if pretrained:
         if not path.is_file():
-            flag = {"standard": "", "seed1": " --seed 1", "robust": " --robust"}[weights]
+            flag = TRAIN_FLAGS.get(weights, "")
             raise FileNotFoundError(f"the course model's weights are missing: expected {path}. "
                                     f"Run `lecturekit train{flag}` to make them.")
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -41,16 +41,18 @@ TEST_SEED = 2
 # The recipe that made the bundled weights (lecturekit train, notebook 00's refined run): SGD with
 # Nesterov momentum and a one-cycle learning rate, on CourseNet with BatchNorm, folded afterwards.
 RECIPE = dict(steps=700, batch_size=128, lr=0.1, weight_decay=5e-4, seed=0)
+# The dataset bias of the biased model (notebook 04): circles on snow 99% of the time, others 1%.
+BIAS = 0.99
 
 
-def trainable_model(seed: int = 0) -> CourseNet:
+def trainable_model(seed: int = 0, pooling: str = "avg") -> CourseNet:
     """CourseNet with BatchNorm after every convolution, seeded: the network we train.
 
     After training, ``lecturekit.models.fuse_batchnorm`` folds it into the plain CourseNet.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return CourseNet(batchnorm=True)
+        return CourseNet(batchnorm=True, pooling=pooling)
 
 
 @dataclass
@@ -71,12 +73,14 @@ class History:
         return float(np.mean(self.loss[-tail:]))
 
 
-def _train_batch(seed: int, step: int, batch_size: int, sample: data.ShapesBatch | None):
+def _train_batch(seed: int, step: int, batch_size: int, sample: data.ShapesBatch | None,
+                 bias: float | None = None):
     if sample is not None:  # a fixed sample: cycle through it
         n = len(sample)
         idx = torch.arange(step * batch_size, (step + 1) * batch_size) % n
         return sample.images[idx], sample.labels[idx]
-    b = data.shapes(batch_size, seed=TRAIN_SEED_OFFSET + seed * 1_000_000 + step)
+    train_seed = TRAIN_SEED_OFFSET + seed * 1_000_000 + step
+    b = data.shapes(batch_size, seed=train_seed) if bias is None else data.biased_shapes(batch_size, train_seed, bias)
     return b.images, b.labels
 
 
@@ -101,7 +105,7 @@ def initial_loss(model: nn.Module, batch: data.ShapesBatch) -> float:
 def train(model: nn.Module, steps: int, lr: float, weight_decay: float = 0.0, batch_size: int = 128,
           seed: int = 0, sample: data.ShapesBatch | None = None, val: data.ShapesBatch | None = None,
           val_every: int = 100, schedule: str = "constant", optimizer: str = "sgd",
-          adversarial_eps: float = 0.0, progress: bool = True) -> History:
+          adversarial_eps: float = 0.0, progress: bool = True, bias: float | None = None) -> History:
     """Train ``model`` for ``steps`` minibatches and return its :class:`History`.
 
     ``optimizer``: ``"sgd"`` (Nesterov momentum 0.9, what the recipe uses) or ``"adamw"``.
@@ -126,11 +130,11 @@ def train(model: nn.Module, steps: int, lr: float, weight_decay: float = 0.0, ba
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _train(model, steps, lr, weight_decay, batch_size, seed, sample, val, val_every, schedule,
-                      optimizer, progress, adversarial_eps)
+                      optimizer, progress, adversarial_eps, bias)
 
 
 def _train(model, steps, lr, weight_decay, batch_size, seed, sample, val, val_every, schedule, optimizer,
-           progress, adversarial_eps) -> History:
+           progress, adversarial_eps, bias=None) -> History:
     if optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     elif optimizer == "adamw":
@@ -149,7 +153,7 @@ def _train(model, steps, lr, weight_decay, batch_size, seed, sample, val, val_ev
     model.to(memory_format=torch.channels_last)
     model.train()
     for step in progress_bar(range(steps), progress, desc="train"):
-        images, labels = _train_batch(seed, step, batch_size, sample)
+        images, labels = _train_batch(seed, step, batch_size, sample, bias)
         if adversarial_eps:
             eps = adversarial_eps * min(1.0, (step + 1) / (0.3 * steps))
             images = _fgsm_random_start(model, images, labels, eps, gen=torch.Generator().manual_seed(seed * 100_003 + step))
@@ -224,22 +228,28 @@ def random_search(make_model, trials: int, steps: int, lr_range=(1e-3, 1.0), wd_
 def train_course_model(steps: int = RECIPE["steps"], lr: float = RECIPE["lr"],
                        weight_decay: float = RECIPE["weight_decay"], batch_size: int = RECIPE["batch_size"],
                        seed: int = RECIPE["seed"], out=WEIGHTS_PATH, val_size: int = 1000,
-                       adversarial_eps: float = 0.0, progress: bool = True) -> tuple[CourseNet, History]:
+                       adversarial_eps: float = 0.0, progress: bool = True, pooling: str = "avg",
+                       bias: float | None = None) -> tuple[CourseNet, History]:
     """Reproduce a bundled course model: the RECIPE's one-cycle run from seed ``seed``.
+
+    ``pooling="max"`` trains the GMP variant (``course_model(weights="gmp")``); ``bias`` trains on
+    ``data.biased_shapes(..., bias)`` and validates on the same biased distribution
+    (``course_model(weights="biased")``).
 
     Trains :func:`trainable_model` (with BatchNorm), folds it into the plain CourseNet and saves
     ``{"model": state_dict, "recipe": ...}`` to ``out`` (None: do not save). Returns the plain model.
     ``seed=1`` makes the second model of the transfer experiments (``course_model(weights="seed1")``);
     ``adversarial_eps=8/255`` the robust model (``weights="robust"``, fast adversarial training).
     """
-    model = trainable_model(seed)
-    val = data.shapes(val_size, seed=VALIDATION_SEED)
+    model = trainable_model(seed, pooling)
+    val = (data.shapes(val_size, seed=VALIDATION_SEED) if bias is None
+           else data.biased_shapes(val_size, seed=VALIDATION_SEED, bias=bias))
     history = train(model, steps, lr, weight_decay, batch_size, seed=seed, val=val, val_every=100,
-                    schedule="onecycle", adversarial_eps=adversarial_eps, progress=progress)
+                    schedule="onecycle", adversarial_eps=adversarial_eps, progress=progress, bias=bias)
     model = fuse_batchnorm(model)
     if out is not None:
         recipe = dict(steps=steps, lr=lr, weight_decay=weight_decay, batch_size=batch_size, seed=seed,
-                      adversarial_eps=adversarial_eps,
+                      adversarial_eps=adversarial_eps, pooling=pooling, bias=bias,
                       val_acc=history.val_acc[-1], seconds=round(history.seconds, 1),
                       torch=str(torch.__version__))
         torch.save({"model": model.state_dict(), "recipe": recipe}, out)

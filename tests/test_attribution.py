@@ -145,8 +145,10 @@ def test_cam_by_hand_on_tiny_net():
 
 def test_cam_refuses_a_model_that_is_not_gap_linear():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="not GAP"):
+    # a softmax after the linear layer: the scores are neither GAP nor GMP + linear
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+                        nn.Softmax(1))
+    with pytest.raises(ValueError, match="not global pooling"):
         A.cam(net, torch.rand(1, 3, 8, 8), 0, layer="1", fc="4")
     with pytest.raises(ValueError, match="layer="):
         A.cam(net, torch.rand(1, 3, 8, 8), 0)
