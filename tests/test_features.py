@@ -1,4 +1,6 @@
 """lecturekit.features against independent computations: numpy brute force, autograd, known values."""
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -174,6 +176,30 @@ def test_embed_pca_matches_an_svd_and_tsne_keeps_clusters():
     assert Z.shape == (60, 2)
     assert torch.equal(Z, features.embed(pts, method="tsne", seed=0)), "deterministic for a seed"
     assert features.neighbour_agreement(Z, labels, k=5) == 1.0, "t-SNE keeps the three clusters apart"
+
+
+@pytest.mark.parametrize("keyword", ["max_iter", "n_iter"])
+def test_embed_tsne_passes_the_iterations_under_either_scikit_learn_name(monkeypatch, keyword):
+    """scikit-learn 1.2-1.4 call t-SNE's iteration count n_iter, 1.5+ max_iter; pyproject allows both."""
+    import sklearn.manifold
+
+    seen = {}
+
+    def fake_tsne(n_components=2, perplexity=30.0, init="pca", random_state=None, **kw):
+        assert set(kw) == {keyword}, kw  # only the name this version knows
+        seen.update(kw)
+
+        class Fitted:
+            def fit_transform(self, X):
+                return np.zeros((len(X), n_components))
+        return Fitted()
+
+    params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in
+              ["n_components", "perplexity", "init", "random_state", keyword]]
+    fake_tsne.__signature__ = inspect.Signature(params)
+    monkeypatch.setattr(sklearn.manifold, "TSNE", fake_tsne)
+    assert features.embed(torch.randn(10, 3), method="tsne", steps=400).shape == (10, 2)
+    assert seen == {keyword: 400}
 
 
 def test_snap_to_grid_assigns_distinct_cells_and_keeps_order():
