@@ -481,8 +481,9 @@ def empirical_receptive_field(model: nn.Module, x: torch.Tensor, layer: Layer, c
     level ``fill``. Each map is shifted so that the unit's theoretical field centre is the map's middle,
     then the k maps are averaged. The paper finds this empirical field much smaller than the
     theoretical one (``rf.size``); ``size`` measures it as the side of the smallest centred square
-    holding ``mass`` of the discrepancy. An occluder overlapping a pixel widens the map by
-    ``patch - 1``, so a unit that sees one pixel measures ``patch``.
+    holding ``mass`` of the discrepancy. Spreading each discrepancy over its occluder widens the map by
+    ``patch - 1`` on each side, so a unit that sees one pixel measures ``2 patch - 1``: the measure
+    errs on the large side, which makes "smaller than the theoretical field" a conservative finding.
 
     Only occluders that overlap the unit's theoretical field are run through the model: the others
     cannot change the unit, their discrepancy is exactly 0 (they still count in the per-pixel average).

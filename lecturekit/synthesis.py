@@ -4,10 +4,11 @@ Three ways to make an image from a network instead of explaining one:
 
 * **Gradient ascent** (class visualisation): I* = argmax_I S_c(I) - lambda ||I||^2, from a grey or noisy
   start (Simonyan et al. 2014, "Deep Inside Convolutional Networks"), with the "natural image" priors of
-  Yosinski et al. 2015 ("Understanding Neural Networks Through Deep Visualization"): L2 decay, jitter,
-  periodic Gaussian blur, clipping pixels of small norm, clipping pixels of small contribution. The same
-  for a neuron or a channel of an intermediate layer, and a Fourier-space, colour-decorrelated
-  parameterisation (Olah et al. 2017, "Feature Visualization", distill.pub).
+  Yosinski et al. 2015 ("Understanding Neural Networks Through Deep Visualization"): L2 decay,
+  periodic Gaussian blur, clipping pixels of small norm, clipping pixels of small contribution; and
+  jitter, the random shifts of DeepDream (Mordvintsev et al. 2015), which Olah et al. 2017 call
+  "transformation robustness". The same for a neuron or a channel of an intermediate layer, and a
+  Fourier-space, colour-decorrelated parameterisation (Olah et al. 2017, "Feature Visualization", distill.pub).
 * **DeepDream** (Mordvintsev et al. 2015, "Inceptionism"): set a layer's gradient to its activation,
   i.e. ascend 0.5 ||A||^2, with jitter, normalised steps and octaves.
 * **Feature inversion** (Mahendran and Vedaldi 2015, "Understanding Deep Image Representations by
@@ -320,14 +321,19 @@ def _ascent_grad(evaluate, x: torch.Tensor, shift=(0, 0)) -> tuple[torch.Tensor,
 
 def _ascent_update(evaluate, x: torch.Tensor, lr: float, l2_weight: float, blur_sigma: float = 0.0,
                    shift=(0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step of :func:`ascent_step` with the objective's hooks already set: (new x, gradient g)."""
-    g, _ = _ascent_grad(evaluate, x, shift)  # d objective / dx, the model seeing x rolled by shift
+    """The step of :func:`ascent_step` with the objective's hooks already set.
+
+    Returns (new x, g_objective): the gradient of the objective alone, without the L2 term, which is
+    what clipping by contribution reads (Yosinski et al. 2015: the pixel's contribution to the
+    activation, not to the regularised objective)."""
+    g_objective, _ = _ascent_grad(evaluate, x, shift)  # d objective / dx, the model seeing x rolled by shift
+    g = g_objective
     if l2_weight:
         g = g - 2 * l2_weight * (x - GREY)  # d/dx of -l2_weight ||x - 0.5||^2, written out
     x = (x + lr * _normalised(g)).clamp(0, 1)
     if blur_sigma > 0:
         x = gaussian_blur(x, blur_sigma)
-    return x.detach(), g
+    return x.detach(), g_objective
 
 
 @renamed(l2="l2_weight")
@@ -448,7 +454,8 @@ def _pixel_ascent(evaluate, x: torch.Tensor, steps: int, lr: float, l2_weight: f
         if clip_value:
             x_new = _percentile_clip(x_new, (x_new - GREY).norm(dim=1), clip_value)
         if clip_contribution:
-            # First-order drop of the objective if the pixel were set to grey (Yosinski et al. 2015).
+            # First-order drop of the objective (the L2 term left out) if the pixel were set to grey
+            # (Yosinski et al. 2015), with the gradient of this step's image x, read before the update.
             x_new = _percentile_clip(x_new, ((x_new - GREY) * g).sum(1).abs(), clip_contribution)
         x = x_new
     return x.detach()
@@ -477,18 +484,20 @@ def class_visualization(model: nn.Module, target: Target | None = None, *, steps
                         seed: int = 0, size: int | None = None, param: str = "pixel",
                         objective: Objective | None = None, progress: bool = True) -> torch.Tensor:
     """Gradient ascent on the image: I* = argmax_I S_c(I) - l2_weight ||I||^2 (Simonyan et al. 2014), with
-    the priors of Yosinski et al. 2015 switchable one at a time.
+    the priors of Yosinski et al. 2015 and DeepDream's jitter switchable one at a time.
 
     target: a class index or one per image (LongTensor (N,)); or pass ``objective=`` (e.g.
     ``channel("features.6", 3)`` or ``neuron(...)``) to visualise an intermediate unit instead.
     Priors (all off by default, so each can be switched on alone):
 
     * ``l2_weight``: the L2 penalty lambda ||I||^2 of the centred image I = x - 0.5 (decays towards grey);
-    * ``jitter``: the model sees the image rolled by a random shift of up to ``jitter`` pixels;
+    * ``jitter``: the model sees the image rolled by a random shift of up to ``jitter`` pixels
+      (DeepDream, Mordvintsev et al. 2015; Olah et al. 2017's "transformation robustness");
     * ``blur_every``: every so many steps, Gaussian-blur the image with ``blur_sigma`` (pixels);
     * ``clip_value``: after each step, set to grey the pixels whose norm |I| (over colours) is in the
       lowest ``clip_value`` percent;
-    * ``clip_contribution``: the same for pixels whose contribution |sum_c I * dS/dI| is small.
+    * ``clip_contribution``: the same for pixels whose contribution |sum_c I * dS/dI| is small, dS/dI
+      the objective's gradient alone (the L2 term left out) at the image before the step.
 
     Pixel parameterisation: :func:`ascent_step` repeated (normalised gradient ascent on the image,
     clamped to [0, 1] after each step). ``param="fourier"``: Adam on a 1/f-scaled,

@@ -361,3 +361,80 @@ def test_receptive_field_has_its_own_module_and_features_re_exports_it():
 
     assert features.receptive_field is rf_module.receptive_field
     assert features.ReceptiveField is rf_module.ReceptiveField
+
+
+# ---- empirical receptive field (Zhou et al. 2015) ---------------------------------------------------
+
+
+def _small_chain(seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2, padding=1)).eval()
+
+
+def test_empirical_receptive_field_matches_a_brute_force_occlusion_loop():
+    """Every occluder position run (none skipped), discrepancy spread and averaged by hand, then shifted."""
+    net = _small_chain()
+    x = torch.rand(5, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    patch, stride, channel = 3, 2, 1
+    before = model_state(net)
+    e = features.empirical_receptive_field(net, x, "2", channel, k=2, patch=patch, stride=stride, fill=0.5)
+    assert model_state(net) == before
+    rf = features.receptive_field(net, "2")
+    assert (rf.size, rf.jump, rf.start) == (5, 2, -2)
+    with torch.no_grad():
+        A = net(x)[:, channel]  # (5, 6, 6)
+    best = A.flatten(1).max(1).values
+    assert torch.equal(e.index, torch.argsort(best, descending=True, stable=True)[:2])
+    ref = torch.zeros(2, 23, 23, dtype=torch.float64)
+    for j, i in enumerate(e.index.tolist()):
+        uy, ux = divmod(int(A[i].flatten().argmax()), 6)
+        assert e.positions[j].tolist() == [uy, ux]
+        total, count = torch.zeros(12, 12, dtype=torch.float64), torch.zeros(12, 12, dtype=torch.float64)
+        for oy in range(0, 10, stride):
+            for ox in range(0, 10, stride):
+                occluded = x[i].clone()
+                occluded[:, oy: oy + patch, ox: ox + patch] = 0.5
+                with torch.no_grad():
+                    d = abs(net(occluded[None])[0, channel, uy, ux] - A[i, uy, ux]).item()
+                total[oy: oy + patch, ox: ox + patch] += d
+                count[oy: oy + patch, ox: ox + patch] += 1
+        cy, cx = -2 + 2 * uy + 2, -2 + 2 * ux + 2  # the field's centre (size 5: an integer)
+        cy, cx = min(max(cy, 0), 11), min(max(cx, 0), 11)
+        ref[j, 11 - cy: 23 - cy, 11 - cx: 23 - cx] = total / count.clamp(min=1)
+    assert torch.allclose(e.maps.double(), ref, atol=1e-5)
+    assert torch.allclose(e.map.double(), ref.mean(0), atol=1e-5)
+
+
+def test_empirical_receptive_field_of_a_one_pixel_unit_is_the_occluder():
+    """A 1x1 convolution sees one pixel: every occluder covering it spreads its discrepancy over its own
+    3x3 square, so the map is the 5x5 square (2 patch - 1) around the centre."""
+    net = nn.Sequential(nn.Conv2d(3, 1, 1))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.zero_()
+    x = 0.1 * torch.rand(4, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+    x[:, :, 4, 4] = 0.9  # each image's strongest unit is (4, 4), away from the border
+    e = features.empirical_receptive_field(net, x, "0", 0, k=3, patch=3, stride=1, mass=1.0)
+    assert e.rf.size == 1 and e.size == 5
+    support = (e.maps > 0).any(0).nonzero()
+    assert support.min(0).values.tolist() == [6, 6] and support.max(0).values.tolist() == [10, 10]
+    assert torch.allclose(e.map.sum(), e.maps.sum((1, 2)).mean())
+    a = features.empirical_receptive_field(net, x, "0", 0, k=3, seed=1)  # random occluders: seeded
+    assert torch.equal(a.map, features.empirical_receptive_field(net, x, "0", 0, k=3, seed=1).map)
+
+
+def test_empirical_receptive_field_stays_inside_the_theoretical_one(net, images):
+    e = features.empirical_receptive_field(net, images[:10], "features.6", 3, k=3, stride=2)
+    r, H = e.rf.size, 64
+    support = (e.map > 0).nonzero()
+    c = H - 1  # the field's centre on the canvas (r even: between c and c + 1)
+    lo, hi = c - (r - 1) // 2 - 4, c + r // 2 + 4  # the field widened twice by patch - 1 (patch 3)
+    assert support.min() >= lo and support.max() <= hi
+    assert 0 < e.size <= r + 4
+    with pytest.raises(ValueError, match="expected patch at most the image size"):
+        features.empirical_receptive_field(net, images[:4], "features.6", 3, k=2, patch=99)
+    with pytest.raises(ValueError, match="expected fill"):
+        features.empirical_receptive_field(net, images[:4], "features.6", 3, k=2, fill=2.0)
+    with pytest.raises(ValueError, match="expected mass"):
+        features.empirical_receptive_field(net, images[:4], "features.6", 3, k=2, mass=0)

@@ -311,3 +311,27 @@ def test_renamed_keywords_warn_and_still_work(untrained):
         S.class_score(c=1)
     with pytest.raises(TypeError, match="got both l2= .* and l2_weight="):
         S.ascent_step(untrained, x, 1, l2=0.1, l2_weight=0.1)
+
+
+def test_clip_by_contribution_reads_the_objective_gradient_without_the_l2_term(untrained):
+    """One step by hand: g = dS/dx - 2 lambda (x - 0.5) moves the image; the contribution
+    |sum_c (x_new - 0.5) dS/dx| (Yosinski et al. 2015) uses dS/dx alone; pixels below its median -> grey."""
+    lam, lr, target = 5.0, 0.05, 3
+    got = S.class_visualization(untrained, target, steps=1, lr=lr, l2_weight=lam, clip_contribution=50,
+                                start="noise", seed=0, progress=False)
+    x0 = (S.GREY + 0.1 * torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    x0.requires_grad_(True)
+    with preserved(untrained):
+        untrained.eval()
+        (g_score,) = torch.autograd.grad(untrained(x0)[0, target], x0)
+    x0 = x0.detach()
+    g = g_score - 2 * lam * (x0 - S.GREY)
+    x1 = (x0 + lr * g / g.abs().mean()).clamp(0, 1)
+
+    def clipped(grad):
+        contribution = ((x1 - S.GREY) * grad).sum(1).abs()  # (1, H, W)
+        keep = contribution >= torch.quantile(contribution.flatten(), 0.5)
+        return torch.where(keep[:, None], x1, torch.full_like(x1, S.GREY))
+
+    assert torch.allclose(got, clipped(g_score), atol=1e-6)
+    assert not torch.allclose(got, clipped(g), atol=1e-6), "the L2 term would change which pixels are clipped"
