@@ -34,7 +34,7 @@ from .receptive_field import ReceptiveField, receptive_field  # noqa: F401 -- re
 __all__ = [
     "first_layer_filters", "layer_weights", "show_filters", "activations", "embed", "nearest_neighbours",
     "neighbour_agreement", "snap_to_grid", "show_thumbnails", "ReceptiveField", "receptive_field",
-    "Patches", "top_patches", "EmpiricalField", "empirical_receptive_field",
+    "Facets", "facets", "Patches", "top_patches", "EmpiricalField", "empirical_receptive_field",
     "FeatureView", "feature_view", "show_feature_view",
 ]
 
@@ -308,6 +308,53 @@ def show_thumbnails(xy: torch.Tensor, x: torch.Tensor, zoom: float | None = None
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+@dataclass
+class Facets:
+    """A set of images split into clusters by their features (Nguyen et al. 2016).
+
+    labels: (N,) each image's cluster, clusters numbered by size, largest first; means: (k, 3, H, W)
+    each cluster's mean image; centres: (k, D) each cluster's mean feature vector; sizes: (k,).
+    """
+
+    labels: torch.Tensor
+    means: torch.Tensor
+    centres: torch.Tensor
+    sizes: torch.Tensor
+
+
+@renamed(images="x")
+def facets(model: nn.Module, x: torch.Tensor, layer: Layer = "pool", k: int = 3, seed: int = 0,
+           batch_size: int = 256) -> Facets:
+    """Cluster images by their features at ``layer`` with k-means: the facets of a class.
+
+    Nguyen, Yosinski and Clune 2016 ("Multifaceted Feature Visualization") observe that one class
+    neuron responds to several kinds of images (a grocery store seen from outside and inside); they
+    cluster the class's training images in feature space and start one gradient ascent from each
+    cluster's **mean image**, which gives one visualisation per facet. Here: scikit-learn's ``KMeans``
+    (``n_init=10``, seeded) on the flattened activations (N, D) of ``x`` (N, 3, H, W) in [0, 1].
+    Start :func:`lecturekit.synthesis.class_visualization` from ``means`` with ``start=``.
+
+    Notebook: 08_gradient_ascent
+    """
+    from sklearn.cluster import KMeans
+
+    check_images(x)
+    k = check_positive_int(k, "k")
+    if k > len(x):
+        raise ValueError(f"expected k at most the number of images ({len(x)}), got k={k}")
+    feats = activations(model, x, layer, batch_size=batch_size).flatten(1).double().cpu()  # (N, D)
+    found = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(feats.numpy())  # (N,)
+    found = torch.from_numpy(found).long()
+    sizes = torch.bincount(found, minlength=k)
+    order = torch.sort(sizes, descending=True, stable=True).indices  # cluster order: largest first
+    labels = torch.argsort(order)[found]  # old cluster id -> its rank
+    onehot = F.one_hot(labels, k).double()  # (N, k)
+    counts = onehot.sum(0).clamp(min=1)  # (k,)
+    means = torch.einsum("nk,nchw->kchw", onehot, x.detach().cpu().double()) / counts.view(-1, 1, 1, 1)
+    centres = onehot.T @ feats / counts[:, None]  # (k, D)
+    return Facets(labels.to(x.device), means.float().to(x.device), centres.float(), sizes[order])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from .hooks import OUTPUT as _OUTPUT, Layer, forward_to, model_device, preserved
 __all__ = [
     "Objective", "class_score", "class_logprob", "channel", "neuron", "layer_norm", "total_variation", "l2", "alpha_norm",
     "evaluator", "ascent_step", "dream_step", "inversion_loss", "class_visualization", "deep_dream", "invert",
-    "Inversion", "GREY",
+    "Inversion", "GREY", "high_frequency_share",
 ]
 
 GREY = 0.5  # the pixel-space image that the papers' zero (mean-subtracted) image corresponds to
@@ -250,6 +250,32 @@ def total_variation(x: torch.Tensor | None = None, beta: float = 2.0, reduction:
         r = (sq + eps).pow(beta / 2) - eps ** (beta / 2)
     per_image = r.flatten(1).sum(1)  # (N,)
     return per_image.sum() if reduction == "sum" else per_image
+
+
+def high_frequency_share(x: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
+    """The share of an image's spectral energy above ``cutoff`` cycles per pixel, per image: (N,).
+
+        E(f) = |FFT2(x_c - mean(x_c))(f)|^2,    share = sum_{|f| > cutoff} E(f) / sum_f E(f)
+
+    summed over channels, |f| = sqrt(f_y^2 + f_x^2) in cycles per pixel (0.5 is the Nyquist limit).
+    Unlike total variation, which also falls when an image only loses contrast, the share is
+    unchanged by scaling the image about its mean (x -> 0.5 + a (x - 0.5)): it measures smoothness
+    alone. 0 for a flat image. Used to judge the image priors of gradient ascent.
+    Notebook: 08_gradient_ascent
+    """
+    x = check_images(x) if x.dim() == 4 and x.shape[1] == 3 else x
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"expected images (N, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
+    if not 0 < cutoff < 0.5 * 2 ** 0.5:
+        raise ValueError(f"expected cutoff in (0, 0.707) cycles per pixel, got {cutoff}")
+    centred = (x - x.mean((-2, -1), keepdim=True)).double()  # (N, C, H, W) the DC term removed
+    energy = torch.fft.fft2(centred).abs().pow(2).sum(1)  # (N, H, W) summed over channels
+    fy = torch.fft.fftfreq(x.shape[-2], dtype=torch.float64, device=x.device)  # cycles per pixel
+    fx = torch.fft.fftfreq(x.shape[-1], dtype=torch.float64, device=x.device)
+    high = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff  # (H, W)
+    total = energy.flatten(1).sum(1)
+    share = (energy * high).flatten(1).sum(1) / total.clamp(min=1e-300)
+    return torch.where(total > 0, share, torch.zeros_like(share)).float()
 
 
 def l2() -> Objective:
@@ -480,7 +506,7 @@ def _fourier_ascent(evaluate, n: int, size: int, steps: int, lr: float, jitter: 
 @renamed(l2="l2_weight")
 def class_visualization(model: nn.Module, target: Target | None = None, *, steps: int = 200, lr: float = 0.02,
                         l2_weight: float = 0.0, jitter: int = 0, blur_every: int = 0, blur_sigma: float = 0.5,
-                        clip_value: float = 0.0, clip_contribution: float = 0.0, start: str = "zeros",
+                        clip_value: float = 0.0, clip_contribution: float = 0.0, start: str | torch.Tensor = "zeros",
                         seed: int = 0, size: int | None = None, param: str = "pixel",
                         objective: Objective | None = None, progress: bool = True) -> torch.Tensor:
     """Gradient ascent on the image: I* = argmax_I S_c(I) - l2_weight ||I||^2 (Simonyan et al. 2014), with
@@ -504,14 +530,20 @@ def class_visualization(model: nn.Module, target: Target | None = None, *, steps
     colour-decorrelated spectrum mapped through a sigmoid (Olah et al. 2017), from a small seeded
     random spectrum (``start`` is then unused); blur and clipping act on pixels and are then not
     available; try ``lr=0.05``.
-    ``start``: ``"zeros"`` (grey, the papers' zero image) or ``"noise"`` (seeded). ``size``: the side
-    of the square image (default: ``model.input_size`` or 64). Returns (N, 3, size, size) in [0, 1].
+    ``start``: ``"zeros"`` (grey, the papers' zero image), ``"noise"`` (seeded), or images (N, 3, H, W)
+    in [0, 1] to start from, one per target (e.g. the mean image of a cluster of a class's images:
+    multifaceted visualisation, Nguyen et al. 2016; ``size`` is then theirs). ``size``: the side of the
+    square image (default: ``model.input_size`` or 64). Returns (N, 3, size, size) in [0, 1].
     Notebook: 08_gradient_ascent
     """
     check_model(model)
     steps = check_positive_int(steps, "steps")
-    if start not in ("zeros", "noise"):
-        raise ValueError(f"expected start='zeros' or 'noise', got {start!r}")
+    if isinstance(start, torch.Tensor):
+        start = check_images(start, "start")
+        if param == "fourier":
+            raise ValueError("a start image needs param='pixel' (the Fourier parameterisation starts from its spectrum)")
+    elif start not in ("zeros", "noise"):
+        raise ValueError(f"expected start='zeros', 'noise' or images (N, 3, H, W), got {start!r}")
     if param not in ("pixel", "fourier"):
         raise ValueError(f"expected param='pixel' or 'fourier', got {param!r}")
     for name, value in dict(lr=lr, l2_weight=l2_weight, jitter=jitter, blur_every=blur_every,
@@ -533,6 +565,10 @@ def class_visualization(model: nn.Module, target: Target | None = None, *, steps
     if size < 8:
         raise ValueError(f"expected an image size of at least 8 pixels, got {size}")
     n = objective.n or 1
+    if isinstance(start, torch.Tensor):
+        if objective.n is not None and len(start) != objective.n:
+            raise ValueError(f"expected one start image per target ({objective.n}), got {len(start)}")
+        n, size = len(start), start.shape[-1]
     device = model_device(model)
     gen = torch.Generator().manual_seed(seed)
 
@@ -542,7 +578,9 @@ def class_visualization(model: nn.Module, target: Target | None = None, *, steps
                 objective = objective - l2_weight * l2()  # pixels are derived: through autograd
             with evaluator(model, objective) as evaluate:
                 return _fourier_ascent(evaluate, n, size, steps, lr, int(jitter), gen, device, progress)
-        if start == "zeros":
+        if isinstance(start, torch.Tensor):
+            x = start.detach().clone().to(device)
+        elif start == "zeros":
             x = torch.full((n, 3, size, size), GREY, device=device)
         else:
             x = (GREY + 0.1 * torch.randn(n, 3, size, size, generator=gen)).clamp(0, 1).to(device)

@@ -438,3 +438,37 @@ def test_empirical_receptive_field_stays_inside_the_theoretical_one(net, images)
         features.empirical_receptive_field(net, images[:4], "features.6", 3, k=2, fill=2.0)
     with pytest.raises(ValueError, match="expected mass"):
         features.empirical_receptive_field(net, images[:4], "features.6", 3, k=2, mass=0)
+
+
+# ---- facets (Nguyen et al. 2016) --------------------------------------------------------------------
+
+
+def test_facets_find_planted_clusters_and_their_mean_images():
+    """Three groups of images, each a different flat colour plus noise: the feature layer (the images
+    themselves, pooled) separates them; means are the groups' mean images; clusters largest first."""
+    g = torch.Generator().manual_seed(0)
+    colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9]])
+    group = torch.tensor([0] * 7 + [1] * 5 + [2] * 3)
+    x = (colours[group][:, :, None, None] + 0.05 * torch.randn(15, 3, 8, 8, generator=g)).clamp(0, 1)
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(1))
+    f = features.facets(net, x, "0", k=3, seed=0)
+    assert f.labels.tolist() == group.tolist(), "the planted groups, numbered largest first"
+    assert f.sizes.tolist() == [7, 5, 3]
+    for c in range(3):
+        assert torch.allclose(f.means[c], x[group == c].mean(0), atol=1e-6)
+        assert torch.allclose(f.centres[c], x[group == c].mean((0, 2, 3)), atol=1e-6)
+    with pytest.raises(ValueError, match="expected k at most the number of images"):
+        features.facets(net, x, "0", k=16)
+
+
+def test_class_visualization_starts_from_given_images(net):
+    from lecturekit import synthesis as S
+
+    start = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = S.class_visualization(net, [1, 2], steps=2, lr=0.03, start=start, progress=False)
+    x = start.clone()
+    for _ in range(2):
+        x = S.ascent_step(net, x, torch.tensor([1, 2]), lr=0.03)
+    assert torch.allclose(out, x, atol=1e-6) and out.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="expected one start image per target"):
+        S.class_visualization(net, [1, 2, 3], steps=1, start=start, progress=False)

@@ -335,3 +335,22 @@ def test_clip_by_contribution_reads_the_objective_gradient_without_the_l2_term(u
 
     assert torch.allclose(got, clipped(g_score), atol=1e-6)
     assert not torch.allclose(got, clipped(g), atol=1e-6), "the L2 term would change which pixels are clipped"
+
+
+def test_high_frequency_share_of_sinusoids_and_invariance_to_contrast():
+    """A grating of f cycles per pixel has all its energy at f: share 1 above the cutoff, 0 below;
+    contrast (scaling about the mean) changes total variation but not the share."""
+    j = torch.arange(32, dtype=torch.float64)
+    for f, expected in [(2 / 32, 0.0), (6 / 32, 0.0), (12 / 32, 1.0)]:
+        grating = (0.5 + 0.3 * torch.cos(2 * torch.pi * f * j)).expand(1, 3, 32, 32).float()
+        assert S.high_frequency_share(grating, cutoff=0.25).item() == pytest.approx(expected, abs=1e-6)
+    mix = 0.5 + 0.2 * torch.cos(2 * torch.pi * 2 / 32 * j) + 0.1 * torch.cos(2 * torch.pi * 12 / 32 * j)
+    x = mix[None, None, None, :].expand(1, 3, 32, 32).float()
+    # energy ratio of two cosines: amplitudes^2, 0.1^2 / (0.2^2 + 0.1^2) = 0.2
+    assert S.high_frequency_share(x).item() == pytest.approx(0.2, abs=1e-5)
+    low_contrast = 0.5 + 0.25 * (x - 0.5)
+    assert S.high_frequency_share(low_contrast).item() == pytest.approx(0.2, abs=1e-5)
+    assert S.total_variation(low_contrast) < 0.1 * S.total_variation(x)
+    assert S.high_frequency_share(torch.full((2, 3, 8, 8), 0.3)).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="expected cutoff"):
+        S.high_frequency_share(x, cutoff=0.9)
