@@ -260,12 +260,12 @@ def high_frequency_share(x: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
     summed over channels, |f| = sqrt(f_y^2 + f_x^2) in cycles per pixel (0.5 is the Nyquist limit).
     Unlike total variation, which also falls when an image only loses contrast, the share is
     unchanged by scaling the image about its mean (x -> 0.5 + a (x - 0.5)): it measures smoothness
-    alone. 0 for a flat image. Used to judge the image priors of gradient ascent.
+    alone. 0 for a flat image. ``x`` may be any finite (N, C, H, W) signal, e.g. the detail a method
+    added to an image (``result - photo``). Used to judge the image priors of gradient ascent.
     Notebook: 08_gradient_ascent
     """
-    x = check_images(x) if x.dim() == 4 and x.shape[1] == 3 else x
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"expected images (N, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not torch.isfinite(x).all():
+        raise ValueError(f"expected finite images (N, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
     if not 0 < cutoff < 0.5 * 2 ** 0.5:
         raise ValueError(f"expected cutoff in (0, 0.707) cycles per pixel, got {cutoff}")
     centred = (x - x.mean((-2, -1), keepdim=True)).double()  # (N, C, H, W) the DC term removed
