@@ -354,7 +354,7 @@ def facets(model: nn.Module, x: torch.Tensor, layer: Layer = "pool", k: int = 3,
     counts = onehot.sum(0).clamp(min=1)  # (k,)
     means = torch.einsum("nk,nchw->kchw", onehot, x.detach().cpu().double()) / counts.view(-1, 1, 1, 1)
     centres = onehot.T @ feats / counts[:, None]  # (k, D)
-    return Facets(labels.to(x.device), means.float().to(x.device), centres.float(), sizes[order])
+    return Facets(labels.to(x.device), means.float().to(x.device), centres.float().to(x.device), sizes[order].to(x.device))
 
 
 # ---------------------------------------------------------------------------------------------------
