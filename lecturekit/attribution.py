@@ -415,7 +415,10 @@ def shapley(model: nn.Module, x: torch.Tensor, target: Target, patch=8, samples:
 def saliency_to_mask(maps: torch.Tensor, quantile: float = 0.8, sigma: float = 0.0) -> torch.Tensor:
     """A foreground mask from a map: the pixels above the map's ``quantile`` (per image), (N, H, W) bool.
 
-    A simple stand-in for the paper's GrabCut step, which is seeded from the same quantiles.
+    A simple stand-in for the paper's GrabCut step. Simonyan et al. (2014, Sec. 3.1) seed GrabCut's
+    colour models with the pixels above the map's 95% quantile (foreground) and below its 30% quantile
+    (background) and let GrabCut label the rest by colour; here one threshold, ``quantile``, labels
+    every pixel, with no colour model.
     ``sigma`` > 0 first smooths the map with a Gaussian (torchvision), which saliency maps need.
     Notebook: 04_occlusion_saliency
     """

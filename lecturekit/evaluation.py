@@ -154,8 +154,10 @@ def deletion_curve(model: nn.Module, x: torch.Tensor, target: Target, maps: torc
                    baseline=0.0, output: str = "prob", batch_size: int = 64, progress: bool = True) -> Curve:
     """Deletion (Petsiuk et al. 2018): remove pixels most important first, watch the class probability fall.
 
-    Pixels are replaced by ``baseline`` (black by default, as in RISE) in ``steps`` equal slices of
-    the ranking given by ``maps`` (N, H, W). A map that finds the evidence makes the curve drop
+    Pixels are replaced by ``baseline`` (black, 0.0, by default) in ``steps`` equal slices of the
+    ranking given by ``maps`` (N, H, W). RISE's own code sets removed pixels to zero in the
+    *normalised* input, which is the dataset's mean colour, not black; ``baseline=0.45`` (about
+    ImageNet's mean grey) comes closer to it, black is the larger, less natural change. A map that finds the evidence makes the curve drop
     fast: a small area under the curve is good. x: (N, 3, H, W) in [0, 1]; returns a :class:`Curve`.
     Notebook: 07_evaluating_explanations
     """
@@ -169,7 +171,9 @@ def insertion_curve(model: nn.Module, x: torch.Tensor, target: Target, maps: tor
                     baseline="blur", output: str = "prob", batch_size: int = 64, progress: bool = True) -> Curve:
     """Insertion (Petsiuk et al. 2018): start from a blurred copy and put pixels back, most important first.
 
-    ``baseline``: ``"blur"`` (Gaussian, sigma 5 pixels, as in RISE), a grey level, or an image.
+    ``baseline``: ``"blur"`` (Gaussian, sigma 5 pixels, with lecturekit's one blur rule: a kernel of
+    2 * 15 + 1 pixels cut to fit the image; RISE also uses sigma 5, but with an 11-pixel kernel on
+    224-pixel images, a milder blur), a grey level, or an image.
     A good map makes the curve rise fast: a large area under the curve is good. Returns a :class:`Curve`.
     Notebook: 07_evaluating_explanations
     """

@@ -8,7 +8,8 @@
 - Maximally activating patches (Girshick et al. 2014, "Rich feature hierarchies", Fig. 4; Springenberg
   et al. 2015): the image crops, cut out by the unit's receptive field, that excite a channel most.
 - Receptive fields from the architecture: ``lecturekit.receptive_field`` (re-exported here as
-  ``features.receptive_field``), used to cut the patches out.
+  ``features.receptive_field``), used to cut the patches out; and measured, by occlusion, as the
+  empirical receptive field (Zhou et al. 2015, "Object Detectors Emerge in Deep Scene CNNs").
 
 Activations are collected under ``torch.no_grad``, batch by batch, with hooks that are removed when
 the call ends (lecturekit.hooks.capture); the forward pass stops at the requested layer.
@@ -33,7 +34,8 @@ from .receptive_field import ReceptiveField, receptive_field  # noqa: F401 -- re
 __all__ = [
     "first_layer_filters", "layer_weights", "show_filters", "activations", "embed", "nearest_neighbours",
     "neighbour_agreement", "snap_to_grid", "show_thumbnails", "ReceptiveField", "receptive_field",
-    "Patches", "top_patches", "FeatureView", "feature_view", "show_feature_view",
+    "Facets", "facets", "Patches", "top_patches", "EmpiricalField", "empirical_receptive_field",
+    "FeatureView", "feature_view", "show_feature_view",
 ]
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,8 +176,12 @@ def embed(feats: torch.Tensor, method: str = "tsne", seed: int = 0, n_components
             X = PCA(n_components=50, random_state=seed).fit_transform(X)
         from threadpoolctl import threadpool_limits
 
-        tsne = TSNE(n_components=n_components, init="pca", random_state=seed, max_iter=max(250, steps),
-                    perplexity=min(perplexity, (len(X) - 1) / 3))
+        import inspect
+
+        # scikit-learn 1.5 renamed n_iter to max_iter (and 1.7 removed n_iter); pyproject allows >= 1.2
+        iters = "max_iter" if "max_iter" in inspect.signature(TSNE).parameters else "n_iter"
+        tsne = TSNE(n_components=n_components, init="pca", random_state=seed, perplexity=min(perplexity, (len(X) - 1) / 3),
+                    **{iters: max(250, steps)})
         with threadpool_limits(limits=threads, user_api="openmp"):
             Y = tsne.fit_transform(X)
     else:
@@ -304,6 +310,53 @@ def show_thumbnails(xy: torch.Tensor, x: torch.Tensor, zoom: float | None = None
     return fig
 
 
+@dataclass
+class Facets:
+    """A set of images split into clusters by their features (Nguyen et al. 2016).
+
+    labels: (N,) each image's cluster, clusters numbered by size, largest first; means: (k, 3, H, W)
+    each cluster's mean image; centres: (k, D) each cluster's mean feature vector; sizes: (k,).
+    """
+
+    labels: torch.Tensor
+    means: torch.Tensor
+    centres: torch.Tensor
+    sizes: torch.Tensor
+
+
+@renamed(images="x")
+def facets(model: nn.Module, x: torch.Tensor, layer: Layer = "pool", k: int = 3, seed: int = 0,
+           batch_size: int = 256) -> Facets:
+    """Cluster images by their features at ``layer`` with k-means: the facets of a class.
+
+    Nguyen, Yosinski and Clune 2016 ("Multifaceted Feature Visualization") observe that one class
+    neuron responds to several kinds of images (a grocery store seen from outside and inside); they
+    cluster the class's training images in feature space and start one gradient ascent from each
+    cluster's **mean image**, which gives one visualisation per facet. Here: scikit-learn's ``KMeans``
+    (``n_init=10``, seeded) on the flattened activations (N, D) of ``x`` (N, 3, H, W) in [0, 1].
+    Start :func:`lecturekit.synthesis.class_visualization` from ``means`` with ``start=``.
+
+    Notebook: 08_gradient_ascent
+    """
+    from sklearn.cluster import KMeans
+
+    check_images(x)
+    k = check_positive_int(k, "k")
+    if k > len(x):
+        raise ValueError(f"expected k at most the number of images ({len(x)}), got k={k}")
+    feats = activations(model, x, layer, batch_size=batch_size).flatten(1).double().cpu()  # (N, D)
+    found = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(feats.numpy())  # (N,)
+    found = torch.from_numpy(found).long()
+    sizes = torch.bincount(found, minlength=k)
+    order = torch.sort(sizes, descending=True, stable=True).indices  # cluster order: largest first
+    labels = torch.argsort(order)[found]  # old cluster id -> its rank
+    onehot = F.one_hot(labels, k).double()  # (N, k)
+    counts = onehot.sum(0).clamp(min=1)  # (k,)
+    means = torch.einsum("nk,nchw->kchw", onehot, x.detach().cpu().double()) / counts.view(-1, 1, 1, 1)
+    centres = onehot.T @ feats / counts[:, None]  # (k, D)
+    return Facets(labels.to(x.device), means.float().to(x.device), centres.float().to(x.device), sizes[order].to(x.device))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Maximally activating patches
 # ---------------------------------------------------------------------------------------------------
@@ -417,6 +470,119 @@ def top_patches(model: nn.Module, x: torch.Tensor | Iterable[torch.Tensor], laye
         raise ValueError(f"expected k at most the number of images ({seen}), got k={k}")
     results = [top.result(H, W, out_device) for top in tops]
     return results if channels is channel else results[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Empirical receptive fields (Zhou et al. 2015)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EmpiricalField:
+    """A unit's empirical receptive field, measured by occlusion over its top images.
+
+    map: (2H - 1, 2W - 1) the discrepancy maps averaged over the k images, each shifted so that its
+    unit's theoretical field centre sits at the middle pixel (H - 1, W - 1) (half a pixel up-left of it
+    for an even field size); maps: (k, 2H - 1, 2W - 1) the aligned maps of each image; size: the side
+    of the smallest centred square that holds ``mass`` of the averaged map's total; index: (k,) the top
+    images; positions: (k, 2) their strongest units (y, x); rf: the theoretical receptive field.
+    """
+
+    map: torch.Tensor
+    maps: torch.Tensor
+    size: int
+    index: torch.Tensor
+    positions: torch.Tensor
+    rf: ReceptiveField
+
+
+def _centred_square_side(m: torch.Tensor, mass: float) -> int:
+    """The smallest odd side s = 2h + 1 of a square centred at the middle of ``m`` (2H-1, 2W-1) holding
+    at least ``mass`` of ``m.sum()`` (``m`` >= 0); 0 for an all-zero map."""
+    total = m.sum().item()
+    if total <= 0:
+        return 0
+    cy, cx = (m.shape[0] - 1) // 2, (m.shape[1] - 1) // 2
+    for h in range(max(cy, cx) + 1):
+        if m[max(0, cy - h): cy + h + 1, max(0, cx - h): cx + h + 1].sum().item() >= mass * total * (1 - 1e-6):
+            return 2 * h + 1
+    return 2 * max(cy, cx) + 1
+
+
+@renamed(images="x")
+def empirical_receptive_field(model: nn.Module, x: torch.Tensor, layer: Layer, channel: int, k: int = 8,
+                              patch: int = 3, stride: int = 1, fill: float | None = None, mass: float = 0.9,
+                              batch_size: int = 256, seed: int = 0, progress: bool = False) -> EmpiricalField:
+    """Where a unit actually looks: occlusion discrepancy maps over its top images, aligned and averaged.
+
+    Zhou et al. 2015 ("Object Detectors Emerge in Deep Scene CNNs", Sec. 3.2): for each of the ``k``
+    images in ``x`` (N, 3, H, W) that excite ``channel`` at ``layer`` most (:func:`top_patches`), take its
+    strongest unit (y*, x*) and slide a ``patch`` x ``patch`` occluder with ``stride`` over the image;
+    the discrepancy of occluder position o is
+
+        d_o = | A_c(y*, x*)(image) - A_c(y*, x*)(image with o occluded) |,
+
+    spread over the pixels the occluder covers and averaged per pixel over the occluders covering it
+    (so ``stride`` > 1 still gives a dense map). The occluder is filled with uniform random pixels, as
+    in the paper (drawn once per image from a local generator seeded by ``seed``), or with the grey
+    level ``fill``. Each map is shifted so that the unit's theoretical field centre is the map's middle,
+    then the k maps are averaged. The paper finds this empirical field much smaller than the
+    theoretical one (``rf.size``); ``size`` measures it as the side of the smallest centred square
+    holding ``mass`` of the discrepancy. Spreading each discrepancy over its occluder widens the map by
+    ``patch - 1`` on each side, so a unit that sees one pixel measures ``2 patch - 1``: the measure
+    errs on the large side, which makes "smaller than the theoretical field" a conservative finding.
+
+    Only occluders that overlap the unit's theoretical field are run through the model: the others
+    cannot change the unit, their discrepancy is exactly 0 (they still count in the per-pixel average).
+    Runs under ``torch.no_grad`` in eval mode, the forward pass stopping at the layer; the model is
+    left as found.
+
+    Notebook: 03_activations
+    """
+    check_images(x)
+    patch, stride = check_positive_int(patch, "patch"), check_positive_int(stride, "stride")
+    N, _, H, W = x.shape
+    if patch > min(H, W):
+        raise ValueError(f"expected patch at most the image size {min(H, W)}, got {patch}")
+    if fill is not None and not 0.0 <= float(fill) <= 1.0:
+        raise ValueError(f"expected fill to be a grey level in [0, 1] or None (random pixels), got {fill}")
+    if not 0.0 < float(mass) <= 1.0:
+        raise ValueError(f"expected mass in (0, 1], got {mass}")
+    top = top_patches(model, x, layer, channel, k=k, batch_size=batch_size)  # checks layer, channel, k
+    name, _ = resolve_layer(model, layer)
+    rf, device = top.rf, model_device(model)
+    gen = torch.Generator().manual_seed(seed)
+    ys, xs = list(range(0, H - patch + 1, stride)), list(range(0, W - patch + 1, stride))
+    count = torch.zeros(H, W)  # (H, W) occluders covering each pixel, over the whole grid
+    for oy in ys:
+        for ox in xs:
+            count[oy: oy + patch, ox: ox + patch] += 1
+    maps = torch.zeros(len(top), 2 * H - 1, 2 * W - 1)
+    with preserved(model), torch.no_grad(), forward_to(model, [name]) as run:
+        for j in progress_bar(range(len(top)), progress, desc=f"empirical receptive field {name}"):
+            image = x[int(top.index[j])].detach().cpu().float()  # (3, H, W)
+            uy, ux = top.positions[j].tolist()
+            bx0, by0, bx1, by1 = rf.box(uy, ux, H, W)  # the theoretical field, clipped, x1/y1 exclusive
+            corners = [(oy, ox) for oy in ys for ox in xs  # occluders that overlap the field
+                       if oy < by1 and oy + patch > by0 and ox < bx1 and ox + patch > bx0]
+            noise = (torch.rand(3, H, W, generator=gen) if fill is None else torch.full((3, H, W), float(fill)))
+            base = run(image[None].to(device))[name][0, channel, uy, ux].float().cpu()
+            total = torch.zeros(H, W)  # (H, W) summed discrepancy of the occluders covering each pixel
+            for s in iterate_batches(len(corners), batch_size):
+                batch = image.repeat(s.stop - s.start, 1, 1, 1)  # (b, 3, H, W)
+                for b, (oy, ox) in enumerate(corners[s]):
+                    batch[b, :, oy: oy + patch, ox: ox + patch] = noise[:, oy: oy + patch, ox: ox + patch]
+                a = run(batch.to(device))[name][:, channel, uy, ux].float().cpu()  # (b,)
+                for d, (oy, ox) in zip((a - base).abs().tolist(), corners[s]):
+                    total[oy: oy + patch, ox: ox + patch] += d
+            d_map = total / count.clamp(min=1)  # (H, W) mean discrepancy per pixel
+            cy = min(max(math.floor(rf.start + uy * rf.jump + (rf.size - 1) / 2), 0), H - 1)  # field centre
+            cx = min(max(math.floor(rf.start + ux * rf.jump + (rf.size - 1) / 2), 0), W - 1)
+            oy0, ox0 = H - 1 - cy, W - 1 - cx  # where the image's (0, 0) lands on the canvas
+            maps[j, oy0: oy0 + H, ox0: ox0 + W] = d_map
+    mean = maps.mean(0)  # (2H - 1, 2W - 1)
+    return EmpiricalField(mean.to(x.device), maps.to(x.device), _centred_square_side(mean, float(mass)),
+                          top.index, top.positions, rf)
 
 
 # ---------------------------------------------------------------------------------------------------

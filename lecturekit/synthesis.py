@@ -4,10 +4,11 @@ Three ways to make an image from a network instead of explaining one:
 
 * **Gradient ascent** (class visualisation): I* = argmax_I S_c(I) - lambda ||I||^2, from a grey or noisy
   start (Simonyan et al. 2014, "Deep Inside Convolutional Networks"), with the "natural image" priors of
-  Yosinski et al. 2015 ("Understanding Neural Networks Through Deep Visualization"): L2 decay, jitter,
-  periodic Gaussian blur, clipping pixels of small norm, clipping pixels of small contribution. The same
-  for a neuron or a channel of an intermediate layer, and a Fourier-space, colour-decorrelated
-  parameterisation (Olah et al. 2017, "Feature Visualization", distill.pub).
+  Yosinski et al. 2015 ("Understanding Neural Networks Through Deep Visualization"): L2 decay,
+  periodic Gaussian blur, clipping pixels of small norm, clipping pixels of small contribution; and
+  jitter, the random shifts of DeepDream (Mordvintsev et al. 2015), which Olah et al. 2017 call
+  "transformation robustness". The same for a neuron or a channel of an intermediate layer, and a
+  Fourier-space, colour-decorrelated parameterisation (Olah et al. 2017, "Feature Visualization", distill.pub).
 * **DeepDream** (Mordvintsev et al. 2015, "Inceptionism"): set a layer's gradient to its activation,
   i.e. ascend 0.5 ||A||^2, with jitter, normalised steps and octaves.
 * **Feature inversion** (Mahendran and Vedaldi 2015, "Understanding Deep Image Representations by
@@ -49,7 +50,7 @@ from .hooks import OUTPUT as _OUTPUT, Layer, forward_to, model_device, preserved
 __all__ = [
     "Objective", "class_score", "class_logprob", "channel", "neuron", "layer_norm", "total_variation", "l2", "alpha_norm",
     "evaluator", "ascent_step", "dream_step", "inversion_loss", "class_visualization", "deep_dream", "invert",
-    "Inversion", "GREY",
+    "Inversion", "GREY", "high_frequency_share",
 ]
 
 GREY = 0.5  # the pixel-space image that the papers' zero (mean-subtracted) image corresponds to
@@ -251,6 +252,32 @@ def total_variation(x: torch.Tensor | None = None, beta: float = 2.0, reduction:
     return per_image.sum() if reduction == "sum" else per_image
 
 
+def high_frequency_share(x: torch.Tensor, cutoff: float = 0.25) -> torch.Tensor:
+    """The share of an image's spectral energy above ``cutoff`` cycles per pixel, per image: (N,).
+
+        E(f) = |FFT2(x_c - mean(x_c))(f)|^2,    share = sum_{|f| > cutoff} E(f) / sum_f E(f)
+
+    summed over channels, |f| = sqrt(f_y^2 + f_x^2) in cycles per pixel (0.5 is the Nyquist limit).
+    Unlike total variation, which also falls when an image only loses contrast, the share is
+    unchanged by scaling the image about its mean (x -> 0.5 + a (x - 0.5)): it measures smoothness
+    alone. 0 for a flat image. ``x`` may be any finite (N, C, H, W) signal, e.g. the detail a method
+    added to an image (``result - photo``). Used to judge the image priors of gradient ascent.
+    Notebook: 08_gradient_ascent
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not torch.isfinite(x).all():
+        raise ValueError(f"expected finite images (N, C, H, W), got {getattr(x, 'shape', type(x).__name__)}")
+    if not 0 < cutoff < 0.5 * 2 ** 0.5:
+        raise ValueError(f"expected cutoff in (0, 0.707) cycles per pixel, got {cutoff}")
+    centred = (x - x.mean((-2, -1), keepdim=True)).double()  # (N, C, H, W) the DC term removed
+    energy = torch.fft.fft2(centred).abs().pow(2).sum(1)  # (N, H, W) summed over channels
+    fy = torch.fft.fftfreq(x.shape[-2], dtype=torch.float64, device=x.device)  # cycles per pixel
+    fx = torch.fft.fftfreq(x.shape[-1], dtype=torch.float64, device=x.device)
+    high = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff  # (H, W)
+    total = energy.flatten(1).sum(1)
+    share = (energy * high).flatten(1).sum(1) / total.clamp(min=1e-300)
+    return torch.where(total > 0, share, torch.zeros_like(share)).float()
+
+
 def l2() -> Objective:
     """The L2 prior ||I||^2 of the centred image I = x - 0.5 (subtract it: ``S_c - lam * l2()``), (N,)."""
     return Objective(lambda x, acts: (x - GREY).pow(2).flatten(1).sum(1), [], "l2")
@@ -320,14 +347,19 @@ def _ascent_grad(evaluate, x: torch.Tensor, shift=(0, 0)) -> tuple[torch.Tensor,
 
 def _ascent_update(evaluate, x: torch.Tensor, lr: float, l2_weight: float, blur_sigma: float = 0.0,
                    shift=(0, 0)) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step of :func:`ascent_step` with the objective's hooks already set: (new x, gradient g)."""
-    g, _ = _ascent_grad(evaluate, x, shift)  # d objective / dx, the model seeing x rolled by shift
+    """The step of :func:`ascent_step` with the objective's hooks already set.
+
+    Returns (new x, g_objective): the gradient of the objective alone, without the L2 term, which is
+    what clipping by contribution reads (Yosinski et al. 2015: the pixel's contribution to the
+    activation, not to the regularised objective)."""
+    g_objective, _ = _ascent_grad(evaluate, x, shift)  # d objective / dx, the model seeing x rolled by shift
+    g = g_objective
     if l2_weight:
         g = g - 2 * l2_weight * (x - GREY)  # d/dx of -l2_weight ||x - 0.5||^2, written out
     x = (x + lr * _normalised(g)).clamp(0, 1)
     if blur_sigma > 0:
         x = gaussian_blur(x, blur_sigma)
-    return x.detach(), g
+    return x.detach(), g_objective
 
 
 @renamed(l2="l2_weight")
@@ -448,7 +480,8 @@ def _pixel_ascent(evaluate, x: torch.Tensor, steps: int, lr: float, l2_weight: f
         if clip_value:
             x_new = _percentile_clip(x_new, (x_new - GREY).norm(dim=1), clip_value)
         if clip_contribution:
-            # First-order drop of the objective if the pixel were set to grey (Yosinski et al. 2015).
+            # First-order drop of the objective (the L2 term left out) if the pixel were set to grey
+            # (Yosinski et al. 2015), with the gradient of this step's image x, read before the update.
             x_new = _percentile_clip(x_new, ((x_new - GREY) * g).sum(1).abs(), clip_contribution)
         x = x_new
     return x.detach()
@@ -473,36 +506,44 @@ def _fourier_ascent(evaluate, n: int, size: int, steps: int, lr: float, jitter: 
 @renamed(l2="l2_weight")
 def class_visualization(model: nn.Module, target: Target | None = None, *, steps: int = 200, lr: float = 0.02,
                         l2_weight: float = 0.0, jitter: int = 0, blur_every: int = 0, blur_sigma: float = 0.5,
-                        clip_value: float = 0.0, clip_contribution: float = 0.0, start: str = "zeros",
+                        clip_value: float = 0.0, clip_contribution: float = 0.0, start: str | torch.Tensor = "zeros",
                         seed: int = 0, size: int | None = None, param: str = "pixel",
                         objective: Objective | None = None, progress: bool = True) -> torch.Tensor:
     """Gradient ascent on the image: I* = argmax_I S_c(I) - l2_weight ||I||^2 (Simonyan et al. 2014), with
-    the priors of Yosinski et al. 2015 switchable one at a time.
+    the priors of Yosinski et al. 2015 and DeepDream's jitter switchable one at a time.
 
     target: a class index or one per image (LongTensor (N,)); or pass ``objective=`` (e.g.
     ``channel("features.6", 3)`` or ``neuron(...)``) to visualise an intermediate unit instead.
     Priors (all off by default, so each can be switched on alone):
 
     * ``l2_weight``: the L2 penalty lambda ||I||^2 of the centred image I = x - 0.5 (decays towards grey);
-    * ``jitter``: the model sees the image rolled by a random shift of up to ``jitter`` pixels;
+    * ``jitter``: the model sees the image rolled by a random shift of up to ``jitter`` pixels
+      (DeepDream, Mordvintsev et al. 2015; Olah et al. 2017's "transformation robustness");
     * ``blur_every``: every so many steps, Gaussian-blur the image with ``blur_sigma`` (pixels);
     * ``clip_value``: after each step, set to grey the pixels whose norm |I| (over colours) is in the
       lowest ``clip_value`` percent;
-    * ``clip_contribution``: the same for pixels whose contribution |sum_c I * dS/dI| is small.
+    * ``clip_contribution``: the same for pixels whose contribution |sum_c I * dS/dI| is small, dS/dI
+      the objective's gradient alone (the L2 term left out) at the image before the step.
 
     Pixel parameterisation: :func:`ascent_step` repeated (normalised gradient ascent on the image,
     clamped to [0, 1] after each step). ``param="fourier"``: Adam on a 1/f-scaled,
     colour-decorrelated spectrum mapped through a sigmoid (Olah et al. 2017), from a small seeded
     random spectrum (``start`` is then unused); blur and clipping act on pixels and are then not
     available; try ``lr=0.05``.
-    ``start``: ``"zeros"`` (grey, the papers' zero image) or ``"noise"`` (seeded). ``size``: the side
-    of the square image (default: ``model.input_size`` or 64). Returns (N, 3, size, size) in [0, 1].
+    ``start``: ``"zeros"`` (grey, the papers' zero image), ``"noise"`` (seeded), or images (N, 3, H, W)
+    in [0, 1] to start from, one per target (e.g. the mean image of a cluster of a class's images:
+    multifaceted visualisation, Nguyen et al. 2016; ``size`` is then theirs). ``size``: the side of the
+    square image (default: ``model.input_size`` or 64). Returns (N, 3, size, size) in [0, 1].
     Notebook: 08_gradient_ascent
     """
     check_model(model)
     steps = check_positive_int(steps, "steps")
-    if start not in ("zeros", "noise"):
-        raise ValueError(f"expected start='zeros' or 'noise', got {start!r}")
+    if isinstance(start, torch.Tensor):
+        start = check_images(start, "start")
+        if param == "fourier":
+            raise ValueError("a start image needs param='pixel' (the Fourier parameterisation starts from its spectrum)")
+    elif start not in ("zeros", "noise"):
+        raise ValueError(f"expected start='zeros', 'noise' or images (N, 3, H, W), got {start!r}")
     if param not in ("pixel", "fourier"):
         raise ValueError(f"expected param='pixel' or 'fourier', got {param!r}")
     for name, value in dict(lr=lr, l2_weight=l2_weight, jitter=jitter, blur_every=blur_every,
@@ -524,6 +565,10 @@ def class_visualization(model: nn.Module, target: Target | None = None, *, steps
     if size < 8:
         raise ValueError(f"expected an image size of at least 8 pixels, got {size}")
     n = objective.n or 1
+    if isinstance(start, torch.Tensor):
+        if objective.n is not None and len(start) != objective.n:
+            raise ValueError(f"expected one start image per target ({objective.n}), got {len(start)}")
+        n, size = len(start), start.shape[-1]
     device = model_device(model)
     gen = torch.Generator().manual_seed(seed)
 
@@ -533,7 +578,9 @@ def class_visualization(model: nn.Module, target: Target | None = None, *, steps
                 objective = objective - l2_weight * l2()  # pixels are derived: through autograd
             with evaluator(model, objective) as evaluate:
                 return _fourier_ascent(evaluate, n, size, steps, lr, int(jitter), gen, device, progress)
-        if start == "zeros":
+        if isinstance(start, torch.Tensor):
+            x = start.detach().clone().to(device)
+        elif start == "zeros":
             x = torch.full((n, 3, size, size), GREY, device=device)
         else:
             x = (GREY + 0.1 * torch.randn(n, 3, size, size, generator=gen)).clamp(0, 1).to(device)

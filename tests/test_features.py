@@ -1,4 +1,6 @@
 """lecturekit.features against independent computations: numpy brute force, autograd, known values."""
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -176,6 +178,30 @@ def test_embed_pca_matches_an_svd_and_tsne_keeps_clusters():
     assert features.neighbour_agreement(Z, labels, k=5) == 1.0, "t-SNE keeps the three clusters apart"
 
 
+@pytest.mark.parametrize("keyword", ["max_iter", "n_iter"])
+def test_embed_tsne_passes_the_iterations_under_either_scikit_learn_name(monkeypatch, keyword):
+    """scikit-learn 1.2-1.4 call t-SNE's iteration count n_iter, 1.5+ max_iter; pyproject allows both."""
+    import sklearn.manifold
+
+    seen = {}
+
+    def fake_tsne(n_components=2, perplexity=30.0, init="pca", random_state=None, **kw):
+        assert set(kw) == {keyword}, kw  # only the name this version knows
+        seen.update(kw)
+
+        class Fitted:
+            def fit_transform(self, X):
+                return np.zeros((len(X), n_components))
+        return Fitted()
+
+    params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in
+              ["n_components", "perplexity", "init", "random_state", keyword]]
+    fake_tsne.__signature__ = inspect.Signature(params)
+    monkeypatch.setattr(sklearn.manifold, "TSNE", fake_tsne)
+    assert features.embed(torch.randn(10, 3), method="tsne", steps=400).shape == (10, 2)
+    assert seen == {keyword: 400}
+
+
 def test_snap_to_grid_assigns_distinct_cells_and_keeps_order():
     xy = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])
     cells = features.snap_to_grid(xy, 3, 3)
@@ -335,3 +361,114 @@ def test_receptive_field_has_its_own_module_and_features_re_exports_it():
 
     assert features.receptive_field is rf_module.receptive_field
     assert features.ReceptiveField is rf_module.ReceptiveField
+
+
+# ---- empirical receptive field (Zhou et al. 2015) ---------------------------------------------------
+
+
+def _small_chain(seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2, padding=1)).eval()
+
+
+def test_empirical_receptive_field_matches_a_brute_force_occlusion_loop():
+    """Every occluder position run (none skipped), discrepancy spread and averaged by hand, then shifted."""
+    net = _small_chain()
+    x = torch.rand(5, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    patch, stride, channel = 3, 2, 1
+    before = model_state(net)
+    e = features.empirical_receptive_field(net, x, "2", channel, k=2, patch=patch, stride=stride, fill=0.5)
+    assert model_state(net) == before
+    rf = features.receptive_field(net, "2")
+    assert (rf.size, rf.jump, rf.start) == (5, 2, -2)
+    with torch.no_grad():
+        A = net(x)[:, channel]  # (5, 6, 6)
+    best = A.flatten(1).max(1).values
+    assert torch.equal(e.index, torch.argsort(best, descending=True, stable=True)[:2])
+    ref = torch.zeros(2, 23, 23, dtype=torch.float64)
+    for j, i in enumerate(e.index.tolist()):
+        uy, ux = divmod(int(A[i].flatten().argmax()), 6)
+        assert e.positions[j].tolist() == [uy, ux]
+        total, count = torch.zeros(12, 12, dtype=torch.float64), torch.zeros(12, 12, dtype=torch.float64)
+        for oy in range(0, 10, stride):
+            for ox in range(0, 10, stride):
+                occluded = x[i].clone()
+                occluded[:, oy: oy + patch, ox: ox + patch] = 0.5
+                with torch.no_grad():
+                    d = abs(net(occluded[None])[0, channel, uy, ux] - A[i, uy, ux]).item()
+                total[oy: oy + patch, ox: ox + patch] += d
+                count[oy: oy + patch, ox: ox + patch] += 1
+        cy, cx = -2 + 2 * uy + 2, -2 + 2 * ux + 2  # the field's centre (size 5: an integer)
+        cy, cx = min(max(cy, 0), 11), min(max(cx, 0), 11)
+        ref[j, 11 - cy: 23 - cy, 11 - cx: 23 - cx] = total / count.clamp(min=1)
+    assert torch.allclose(e.maps.double(), ref, atol=1e-5)
+    assert torch.allclose(e.map.double(), ref.mean(0), atol=1e-5)
+
+
+def test_empirical_receptive_field_of_a_one_pixel_unit_is_the_occluder():
+    """A 1x1 convolution sees one pixel: every occluder covering it spreads its discrepancy over its own
+    3x3 square, so the map is the 5x5 square (2 patch - 1) around the centre."""
+    net = nn.Sequential(nn.Conv2d(3, 1, 1))
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.zero_()
+    x = 0.1 * torch.rand(4, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+    x[:, :, 4, 4] = 0.9  # each image's strongest unit is (4, 4), away from the border
+    e = features.empirical_receptive_field(net, x, "0", 0, k=3, patch=3, stride=1, mass=1.0)
+    assert e.rf.size == 1 and e.size == 5
+    support = (e.maps > 0).any(0).nonzero()
+    assert support.min(0).values.tolist() == [6, 6] and support.max(0).values.tolist() == [10, 10]
+    assert torch.allclose(e.map.sum(), e.maps.sum((1, 2)).mean())
+    a = features.empirical_receptive_field(net, x, "0", 0, k=3, seed=1)  # random occluders: seeded
+    assert torch.equal(a.map, features.empirical_receptive_field(net, x, "0", 0, k=3, seed=1).map)
+
+
+def test_empirical_receptive_field_stays_inside_the_theoretical_one(net, images):
+    e = features.empirical_receptive_field(net, images[:10], "features.6", 3, k=3, stride=2)
+    r, H = e.rf.size, 64
+    support = (e.map > 0).nonzero()
+    c = H - 1  # the field's centre on the canvas (r even: between c and c + 1)
+    lo, hi = c - (r - 1) // 2 - 4, c + r // 2 + 4  # the field widened twice by patch - 1 (patch 3)
+    assert support.min() >= lo and support.max() <= hi
+    assert 0 < e.size <= r + 4
+    with pytest.raises(ValueError, match="expected patch at most the image size"):
+        features.empirical_receptive_field(net, images[:4], "features.6", 3, k=2, patch=99)
+    with pytest.raises(ValueError, match="expected fill"):
+        features.empirical_receptive_field(net, images[:4], "features.6", 3, k=2, fill=2.0)
+    with pytest.raises(ValueError, match="expected mass"):
+        features.empirical_receptive_field(net, images[:4], "features.6", 3, k=2, mass=0)
+
+
+# ---- facets (Nguyen et al. 2016) --------------------------------------------------------------------
+
+
+def test_facets_find_planted_clusters_and_their_mean_images():
+    """Three groups of images, each a different flat colour plus noise: the feature layer (the images
+    themselves, pooled) separates them; means are the groups' mean images; clusters largest first."""
+    g = torch.Generator().manual_seed(0)
+    colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9]])
+    group = torch.tensor([0] * 7 + [1] * 5 + [2] * 3)
+    x = (colours[group][:, :, None, None] + 0.05 * torch.randn(15, 3, 8, 8, generator=g)).clamp(0, 1)
+    net = nn.Sequential(nn.AdaptiveAvgPool2d(1))
+    f = features.facets(net, x, "0", k=3, seed=0)
+    assert f.labels.tolist() == group.tolist(), "the planted groups, numbered largest first"
+    assert f.sizes.tolist() == [7, 5, 3]
+    for c in range(3):
+        assert torch.allclose(f.means[c], x[group == c].mean(0), atol=1e-6)
+        assert torch.allclose(f.centres[c], x[group == c].mean((0, 2, 3)), atol=1e-6)
+    with pytest.raises(ValueError, match="expected k at most the number of images"):
+        features.facets(net, x, "0", k=16)
+
+
+def test_class_visualization_starts_from_given_images(net):
+    from lecturekit import synthesis as S
+
+    start = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = S.class_visualization(net, [1, 2], steps=2, lr=0.03, start=start, progress=False)
+    x = start.clone()
+    for _ in range(2):
+        x = S.ascent_step(net, x, torch.tensor([1, 2]), lr=0.03)
+    assert torch.allclose(out, x, atol=1e-6) and out.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="expected one start image per target"):
+        S.class_visualization(net, [1, 2, 3], steps=1, start=start, progress=False)

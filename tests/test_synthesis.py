@@ -311,3 +311,46 @@ def test_renamed_keywords_warn_and_still_work(untrained):
         S.class_score(c=1)
     with pytest.raises(TypeError, match="got both l2= .* and l2_weight="):
         S.ascent_step(untrained, x, 1, l2=0.1, l2_weight=0.1)
+
+
+def test_clip_by_contribution_reads_the_objective_gradient_without_the_l2_term(untrained):
+    """One step by hand: g = dS/dx - 2 lambda (x - 0.5) moves the image; the contribution
+    |sum_c (x_new - 0.5) dS/dx| (Yosinski et al. 2015) uses dS/dx alone; pixels below its median -> grey."""
+    lam, lr, target = 5.0, 0.05, 3
+    got = S.class_visualization(untrained, target, steps=1, lr=lr, l2_weight=lam, clip_contribution=50,
+                                start="noise", seed=0, progress=False)
+    x0 = (S.GREY + 0.1 * torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    x0.requires_grad_(True)
+    with preserved(untrained):
+        untrained.eval()
+        (g_score,) = torch.autograd.grad(untrained(x0)[0, target], x0)
+    x0 = x0.detach()
+    g = g_score - 2 * lam * (x0 - S.GREY)
+    x1 = (x0 + lr * g / g.abs().mean()).clamp(0, 1)
+
+    def clipped(grad):
+        contribution = ((x1 - S.GREY) * grad).sum(1).abs()  # (1, H, W)
+        keep = contribution >= torch.quantile(contribution.flatten(), 0.5)
+        return torch.where(keep[:, None], x1, torch.full_like(x1, S.GREY))
+
+    assert torch.allclose(got, clipped(g_score), atol=1e-6)
+    assert not torch.allclose(got, clipped(g), atol=1e-6), "the L2 term would change which pixels are clipped"
+
+
+def test_high_frequency_share_of_sinusoids_and_invariance_to_contrast():
+    """A grating of f cycles per pixel has all its energy at f: share 1 above the cutoff, 0 below;
+    contrast (scaling about the mean) changes total variation but not the share."""
+    j = torch.arange(32, dtype=torch.float64)
+    for f, expected in [(2 / 32, 0.0), (6 / 32, 0.0), (12 / 32, 1.0)]:
+        grating = (0.5 + 0.3 * torch.cos(2 * torch.pi * f * j)).expand(1, 3, 32, 32).float()
+        assert S.high_frequency_share(grating, cutoff=0.25).item() == pytest.approx(expected, abs=1e-6)
+    mix = 0.5 + 0.2 * torch.cos(2 * torch.pi * 2 / 32 * j) + 0.1 * torch.cos(2 * torch.pi * 12 / 32 * j)
+    x = mix[None, None, None, :].expand(1, 3, 32, 32).float()
+    # energy ratio of two cosines: amplitudes^2, 0.1^2 / (0.2^2 + 0.1^2) = 0.2
+    assert S.high_frequency_share(x).item() == pytest.approx(0.2, abs=1e-5)
+    low_contrast = 0.5 + 0.25 * (x - 0.5)
+    assert S.high_frequency_share(low_contrast).item() == pytest.approx(0.2, abs=1e-5)
+    assert S.total_variation(low_contrast) < 0.1 * S.total_variation(x)
+    assert S.high_frequency_share(torch.full((2, 3, 8, 8), 0.3)).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="expected cutoff"):
+        S.high_frequency_share(x, cutoff=0.9)
