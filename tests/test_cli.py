@@ -111,16 +111,23 @@ def test_assignments_command_writes_and_checks(tmp_path):
 
 
 def test_grade_command_scores_a_submission(tmp_path):
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell("from lecturekit import grading"),
-                nbformat.v4.new_code_cell("grading.exercise('trivial', points=1)\ngrading.check(1 + 1 == 2, 'sum')")]
-    nbformat.write(nb, tmp_path / "sub.ipynb")
-    out = _lecturekit("grade", "sub.ipynb", "--json", "report.json", cwd=tmp_path)
-    assert out.returncode == 0, out.stdout + out.stderr
+    # A submission named like an official assignment is graded against it by default (issue 14): the
+    # solution scores full marks, in the sandbox, with the JSON report where it was asked for.
     import json
+    import shutil
 
+    name = "02_synthesizing_images.ipynb"
+    shutil.copy(ROOT / "solutions" / name, tmp_path / name)
+    out = _lecturekit("grade", name, "--json", "report.json", cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
     report = json.loads((tmp_path / "report.json").read_text())
-    assert (report["score"], report["max_score"]) == (1.0, 1.0)
+    assert report["score"] == report["max_score"] == 10.0, report
+    # no official assignment of that name and no --against: refused with the reason, not graded
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("from lecturekit import grading")]
+    nbformat.write(nb, tmp_path / "sub.ipynb")
+    unknown = _lecturekit("grade", "sub.ipynb", cwd=tmp_path)
+    assert unknown.returncode == 2 and "no official assignment named sub.ipynb" in unknown.stderr, unknown.stderr
     missing = _lecturekit("grade", "nothing.ipynb", cwd=tmp_path)
     assert missing.returncode == 2 and "no such submission" in missing.stderr
 
