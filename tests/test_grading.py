@@ -31,6 +31,9 @@ ASSIGNMENTS = ROOT / "assignments"
 A1, A2 = "01_which_pixels_matter.ipynb", "02_synthesizing_images.ipynb"
 A3 = "03_style.ipynb"
 A4 = "04_adversarial.ipynb"
+# Assignments whose solutions call the student's earlier functions (style_loss calls gram): a wrong
+# answer is graded in the whole notebook, not in its exercise alone.
+BUILDS_ON_EARLIER_EXERCISES = {A3}
 
 
 # ---- check helpers -----------------------------------------------------------------------------------
@@ -279,7 +282,9 @@ def test_grader_survives_raising_looping_chatty_and_writing_submissions(syntheti
 @pytest.mark.slow
 def test_grader_kills_a_notebook_over_its_time_limit_and_reports_unrun_cells(synthetic):
     report, seconds = synthetic["slow"]
-    assert seconds < 75
+    # The cell sleeps 600 s and the notebook's limit is 30 s: well under 600 s means it was killed. (Not a
+    # speed bar: kernel start-up in the sandbox takes tens of seconds on a loaded 2-core machine.)
+    assert seconds < 300
     by_id = {e.id: e for e in report.exercises}
     assert by_id["double"].passed
     assert not by_id["half"].passed and "time limit of 30 s" in by_id["half"].message
@@ -457,6 +462,8 @@ def _wrong_notebook(notebook: str, names: list[str], folder: Path) -> Path:
         hits[0].source = hits[0].source.replace(old, new)
     setup, spans = _spans(nb)
     keep = setup + sorted(i for name in names for i in spans[WRONG[name][1]])
+    if notebook in BUILDS_ON_EARLIER_EXERCISES:  # keep every cell: later solutions call earlier ones
+        keep = list(range(len(nb.cells)))
     nb.cells = [nb.cells[i] for i in keep]
     path = folder / f"{notebook[:2]}_{'+'.join(names)}.ipynb"
     nbformat.write(nb, path)
