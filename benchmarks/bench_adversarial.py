@@ -21,6 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import lecturekit as lk  # noqa: E402
 from lecturekit import adversarial as A  # noqa: E402
+from timing import median_seconds  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 QUICK = "--quick" in sys.argv
 
@@ -33,12 +34,8 @@ def fwd_bwd(model, x, y):
 
 
 def timed(fn, repeats=1):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``repeats`` calls: the shared benchmarks/timing.py timer."""
+    return median_seconds(fn, repeats)
 
 
 def speed():

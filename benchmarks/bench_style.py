@@ -20,17 +20,14 @@ import torch  # noqa: E402
 
 import lecturekit as lk  # noqa: E402
 from lecturekit import style as S  # noqa: E402
+from timing import median_seconds  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 QUICK = "--quick" in sys.argv
 
 
 def timed(fn, repeats=1):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``repeats`` calls: the shared benchmarks/timing.py timer."""
+    return median_seconds(fn, repeats)
 
 
 def bare_step(net, x, targets, steps):
