@@ -74,6 +74,7 @@ import ast
 import contextlib
 import copy
 import csv
+import fcntl
 import importlib
 import io
 import json
@@ -631,8 +632,37 @@ NO_SANDBOX_WARNING = ("WARNING: grading WITHOUT a sandbox (--no-sandbox): each s
                       "read the course checkout, other submissions and your home, reach the network and "
                       "kill the grader. Use this only for submissions you trust.")
 _SANDBOX_UIDS = range(61000, 61500)  # for a grader run as root: one unprivileged uid per running sandbox
-_uids_in_use: set[int] = set()
+_uids_in_use: dict[int, int] = {}  # uid -> the file descriptor holding its machine-wide lock
 _uid_lock = threading.Lock()
+# A uid is a machine-wide resource: two grader processes (two instructors, a test run beside a batch) must
+# never share one, or the first to finish kills the other's kernel (_kill_uid). Each claim holds an
+# exclusive flock on a file named after the uid; the kernel drops it if the grader dies.
+_UID_LOCKS = Path("/run/lock" if os.access("/run/lock", os.W_OK) else tempfile.gettempdir()) / "lecturekit-grader-uids"
+
+
+def _claim_uid() -> int:
+    """An unprivileged uid no other sandbox on this machine is using (threads and processes alike)."""
+    _UID_LOCKS.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _uid_lock:
+        for uid in _SANDBOX_UIDS:
+            if uid in _uids_in_use:
+                continue
+            fd = os.open(_UID_LOCKS / f"{uid}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held by another grader process
+                os.close(fd)
+                continue
+            _uids_in_use[uid] = fd
+            return uid
+    raise RuntimeError(f"all {len(_SANDBOX_UIDS)} sandbox uids are in use on this machine")
+
+
+def _release_uid(uid: int) -> None:
+    with _uid_lock:
+        fd = _uids_in_use.pop(uid, None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops the flock
 _probe: dict[str, tuple[bool, str]] = {}
 
 
@@ -1044,9 +1074,7 @@ def _grade(raw: bytes, label: str, key: Key, cell_timeout: float, timeout: float
                               time.perf_counter() - start)
     uid = None
     if use_sandbox and os.geteuid() == 0:
-        with _uid_lock:
-            uid = next(u for u in _SANDBOX_UIDS if u not in _uids_in_use)
-            _uids_in_use.add(uid)
+        uid = _claim_uid()
     scratch = Path(tempfile.mkdtemp(prefix="lecturekit-grade-"))
     log: list[str] = []
     try:
@@ -1076,8 +1104,7 @@ def _grade(raw: bytes, label: str, key: Key, cell_timeout: float, timeout: float
         shutil.rmtree(scratch, ignore_errors=True)
         if uid is not None:
             _kill_uid(uid)
-            with _uid_lock:
-                _uids_in_use.discard(uid)
+            _release_uid(uid)
     exercises = []
     for ex_id in key.points:
         indices = by_id.get(ex_id)

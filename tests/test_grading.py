@@ -566,3 +566,26 @@ def test_known_wrong_answer_loses_its_points(graded, name):
     assert wrong.message.startswith("AssertionError: [" + exercise + "]"), wrong.message
     print(f"{name}: {wrong.message}")
 
+
+
+def test_two_grader_processes_never_share_a_sandbox_uid():
+    # Found when a test run met a second grader on one machine: both took uid 61000 and the first to
+    # finish killed the other's kernel ("the kernel died"). Uids are now claimed machine-wide (flock).
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("sandbox uids are only used when grading as root")
+    code = ("from lecturekit import grader; import time; print(grader._claim_uid(), flush=True); "
+            "time.sleep(5)")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = int(other.stdout.readline())
+        mine = grader._claim_uid()
+        try:
+            assert mine != theirs and mine in grader._SANDBOX_UIDS
+        finally:
+            grader._release_uid(mine)
+    finally:
+        other.kill()
+        other.wait()

@@ -16,8 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 # The callback tests of the three explorers (notebooks 03, 04, 08) and their stand-in titles.
-CALLBACK_TESTS = ["tests/test_widgets_features.py", "tests/test_attribution.py::test_moving_a_slider_recomputes_the_map",
-                  "tests/test_synthesis.py::test_prior_explorer_redraws_when_a_slider_moves",
+CALLBACK_TESTS = ["tests/test_widgets.py",  # every explorer's slider -> pure function -> new picture
                   "tests/test_standin.py::test_explorers_mark_standin_models_in_their_titles"]
 
 
