@@ -23,11 +23,17 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory):
     """``python -m build`` of the checkout: {"wheel": Path, "sdist": Path}."""
-    pytest.importorskip("build", reason="`python -m build` needs the build package: pip install build")
     out = tmp_path_factory.mktemp("dist")
+    # Run from the empty output folder: from the checkout, its build/ folder (test artefacts, `make
+    # course`) is found first on sys.path and shadows the build package ("'build' is a package and
+    # cannot be directly executed"); the same goes for an in-process importorskip.
+    clean = {**os.environ, "PYTHONPATH": ""}
+    if subprocess.run([sys.executable, "-c", "import build.__main__"], cwd=out, env=clean,
+                      capture_output=True).returncode:
+        pytest.skip("`python -m build` needs the build package: pip install build")
     # --no-isolation: build with this environment's setuptools, offline and in seconds.
     done = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ""})
+                          capture_output=True, text=True, timeout=600, env=clean, cwd=out)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (wheel,) = out.glob("lecturekit-*.whl")
     (sdist,) = out.glob("lecturekit-*.tar.gz")
