@@ -31,6 +31,7 @@ def feature_explorer(model: nn.Module, x: torch.Tensor, layers: list[Layer] | No
     Notebook: 03_activations
     """
     import io
+    import math
 
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
@@ -62,7 +63,9 @@ def feature_explorer(model: nn.Module, x: torch.Tensor, layers: list[Layer] | No
     def redraw(_change=None):
         view = _features.feature_view(model, x, layer_box.value, channel_slider.value,
                                       index=index_slider.value, k=k, batch_size=batch_size)
-        fig = mark_standin(_features.show_feature_view(view), model)
+        columns = max(1, math.ceil(math.sqrt(2 * len(view.maps))))  # 32 maps: 8 x 4, 128: 16 x 8
+        # a block about twice as wide as high, the shape of the maps' panel, not a thin strip
+        fig = mark_standin(_features.show_feature_view(view, ncols=columns), model)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=80)
         plt.close(fig)
