@@ -31,6 +31,7 @@ ASSIGNMENTS = ROOT / "assignments"
 A1, A2 = "01_which_pixels_matter.ipynb", "02_synthesizing_images.ipynb"
 A3 = "03_style.ipynb"
 A4 = "04_adversarial.ipynb"
+A0 = "00_what_the_network_learned.ipynb"
 # Assignments whose solutions call the student's earlier functions (style_loss calls gram): a wrong
 # answer is graded in the whole notebook, not in its exercise alone.
 BUILDS_ON_EARLIER_EXERCISES = {A3}
@@ -138,8 +139,8 @@ def test_unbalanced_markers_raise(source, error):
 
 def test_committed_assignments_are_what_the_command_generates():
     solutions = sorted(SOLUTIONS.glob("*.ipynb"))
-    assert [p.name for p in solutions] == [A1, A2, A3, A4]
-    assert sorted(p.name for p in ASSIGNMENTS.glob("*.ipynb")) == [A1, A2, A3, A4]
+    assert [p.name for p in solutions] == [A0, A1, A2, A3, A4]
+    assert sorted(p.name for p in ASSIGNMENTS.glob("*.ipynb")) == [A0, A1, A2, A3, A4]
     stale = grader.write_assignments(SOLUTIONS, ASSIGNMENTS, check_only=True)
     assert not stale, f"assignments/ is out of date: run `lecturekit assignments` ({stale})"
 
@@ -419,6 +420,27 @@ WRONG = {
     "fooling_without_stopping_rule": (A4, "fooling_loop", "if log_p.item() >= math.log(threshold):", "if False:"),
     "patch_rows_and_columns_swapped": (A4, "paste_patch", "out[:, :, top:top + s, left:left + s] = patch",
                                        "out[:, :, left:left + s, top:top + s] = patch"),
+    # Assignment 0 (issue 13): what the network learned
+    "receptive_field_jump_updated_first": (A0, "receptive_field", "r, j, a = r + (k - 1) * j, j * s, a - p * j",
+                                           "j = j * s\n        r, a = r + (k - 1) * j, a - p * j"),
+    "receptive_field_padding_added": (A0, "receptive_field", "a - p * j", "a + p * j"),
+    "receptive_field_start_without_jump": (A0, "receptive_field", "a - p * j", "a - p"),
+    "nearest_neighbours_farthest_first": (A0, "nearest_neighbours", "largest=False).indices  # (M, k)",
+                                          "largest=True).indices  # (M, k)"),
+    "nearest_neighbours_by_cosine": (A0, "nearest_neighbours", "d = torch.cdist(query.double(), bank.double())",
+                                     "d = -F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T"),
+    "agreement_counts_the_point_itself": (A0, "neighbour_agreement", 'd.fill_diagonal_(float("inf"))', "pass"),
+    "agreement_any_neighbour_matches": (A0, "neighbour_agreement", "(labels[idx] == labels[:, None]).float()",
+                                        "(labels[idx] == labels[:, None]).any(1).float()"),
+    "pca_not_centred": (A0, "pca", "Xc = X - X.mean(0, keepdim=True)", "Xc = X"),
+    "pca_without_singular_values": (A0, "pca", "return (Xc @ Vh[:n_components].T).float()",
+                                    "return U[:, :n_components].float()"),
+    "top_patches_rows_and_columns_swapped": (A0, "top_patches", "row, col = divmod(int(where[n]), w)",
+                                             "col, row = divmod(int(where[n]), w)"),
+    "top_patches_weakest_first": (A0, "top_patches", "torch.sort(v, descending=True, stable=True)",
+                                  "torch.sort(v, descending=False, stable=True)"),
+    "top_patches_field_without_start": (A0, "top_patches", "top, left = start + row * jump + P, start + col * jump + P",
+                                        "top, left = row * jump + P, col * jump + P"),
 }
 
 
@@ -476,7 +498,7 @@ def _wrong_notebook(notebook: str, names: list[str], folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def keys():
     """The answer keys of the real assignments, built once (each runs its solution in this process)."""
-    return {notebook: grader.load_key(ASSIGNMENTS / notebook) for notebook in (A1, A2, A3, A4)}
+    return {notebook: grader.load_key(ASSIGNMENTS / notebook) for notebook in (A0, A1, A2, A3, A4)}
 
 
 @pytest.fixture(scope="session")
@@ -487,10 +509,10 @@ def graded(tmp_path_factory, keys):
     Graded two at a time (each grader run uses one thread), once per session.
     """
     folder = tmp_path_factory.mktemp("wrong")
-    jobs = {f"solution/{p}": (SOLUTIONS / p, None) for p in (A1, A2, A3, A4)}
-    jobs.update({f"assignment/{p}": (ASSIGNMENTS / p, None) for p in (A1, A2, A3, A4)})
-    jobs.update({f"unsandboxed/solution/{p}": (SOLUTIONS / p, False) for p in (A1, A2, A3, A4)})
-    jobs.update({f"unsandboxed/assignment/{p}": (ASSIGNMENTS / p, False) for p in (A1, A2, A3, A4)})
+    jobs = {f"solution/{p}": (SOLUTIONS / p, None) for p in (A0, A1, A2, A3, A4)}
+    jobs.update({f"assignment/{p}": (ASSIGNMENTS / p, None) for p in (A0, A1, A2, A3, A4)})
+    jobs.update({f"unsandboxed/solution/{p}": (SOLUTIONS / p, False) for p in (A0, A1, A2, A3, A4)})
+    jobs.update({f"unsandboxed/assignment/{p}": (ASSIGNMENTS / p, False) for p in (A0, A1, A2, A3, A4)})
     for notebook, names in _rounds():
         path = _wrong_notebook(notebook, names, folder)
         for name in names:
@@ -498,7 +520,7 @@ def graded(tmp_path_factory, keys):
 
     def run(job):
         path, sandbox = job
-        key = keys[{"01": A1, "02": A2, "03": A3, "04": A4}[path.name[:2]]]
+        key = keys[{"00": A0, "01": A1, "02": A2, "03": A3, "04": A4}[path.name[:2]]]
         return grader.grade(path, against=key, cell_timeout=60, timeout=240, sandbox=sandbox)
 
     unique = sorted(set(jobs.values()), key=str)
@@ -517,7 +539,7 @@ def test_catalogue_has_at_least_twelve_wrong_answers_and_each_changes_its_soluti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2, A3, A4])
+@pytest.mark.parametrize("notebook", [A0, A1, A2, A3, A4])
 def test_solutions_score_full_marks(graded, notebook):
     report = graded[f"solution/{notebook}"]
     failed = {e.id: e.message for e in report.exercises if not e.passed}
@@ -528,7 +550,7 @@ def test_solutions_score_full_marks(graded, notebook):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2, A3, A4])
+@pytest.mark.parametrize("notebook", [A0, A1, A2, A3, A4])
 def test_untouched_assignments_score_zero_on_every_exercise(graded, notebook):
     report = graded[f"assignment/{notebook}"]
     solution = graded[f"solution/{notebook}"]
@@ -539,7 +561,7 @@ def test_untouched_assignments_score_zero_on_every_exercise(graded, notebook):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2, A3, A4])
+@pytest.mark.parametrize("notebook", [A0, A1, A2, A3, A4])
 def test_without_a_sandbox_solutions_still_score_full_marks_and_assignments_zero(graded, notebook):
     assert graded[f"unsandboxed/solution/{notebook}"].score == 10
     assignment = graded[f"unsandboxed/assignment/{notebook}"]
