@@ -162,6 +162,64 @@ def test_no_solution_text_leaks_into_assignments():
         stubs = sum(student.count(stub) - solution.read_text(encoding="utf-8").count(stub)
                     for stub in ("raise NotImplementedError()", grading.MARKDOWN_STUB))  # code and answer blocks
         assert stubs == len(blocks)
+        # the answers to inline questions (hidden tests) stay in solutions/ too
+        hidden = grader.hidden_blocks(nb)
+        assert grader.HIDDEN_BEGIN not in student and grader.HIDDEN_END not in student
+        for block in hidden:
+            assert "lk.grading.expect(" in block
+            for line in block.splitlines():
+                assert len(line.strip()) < 12 or json.dumps(line.strip())[1:-1] not in student, \
+                    f"{solution.name} leaks its hidden test {line!r}"
+
+
+def test_every_assignment_has_inline_questions_graded_and_by_hand():
+    for solution in sorted(SOLUTIONS.glob("*.ipynb")):
+        nb = nbformat.read(solution, as_version=4)
+        assert grader.hidden_blocks(nb), f"{solution.name}: no automatically graded inline question"
+        assert grader.manual_cells(nb), f"{solution.name}: no free-text inline question"
+
+
+# ---- inline questions: the helpers (no grader run) -------------------------------------------------------
+
+def test_answer_problem_judges_choices_and_numbers_and_explains():
+    def plain(v):
+        return grading.plain_answer(v)
+
+    assert grading.answer_problem(plain("B "), "b", ("a", "b")) is None  # case and spaces do not matter
+    wrong = grading.answer_problem(plain("a"), "b", ("a", "b"), because="Because of X.", what="question 1")
+    assert wrong == "question 1: 'a' is not the right answer. Because of X."
+    assert "expected one of 'a', 'b', got 'z'" in grading.answer_problem(plain("z"), "b", ("a", "b"))
+    assert "no answer given" in grading.answer_problem(plain(None), "b", ("a", "b"))
+    assert grading.answer_problem(plain(0.395), 0.39, tolerance=0.02) is None
+    assert grading.answer_problem(plain(torch.tensor(0.39)), 0.39) is None  # a tensor scalar is a number
+    assert "not the right answer" in grading.answer_problem(plain(0.625), 0.39, tolerance=0.02)
+    assert "expected a number, got a str" in grading.answer_problem(plain("0.39"), 0.39, tolerance=0.02)
+    assert grading.plain_answer(True) == {"type": "bool"} and grading.plain_answer([1]) == {"type": "list"}
+
+
+def test_check_answer_checks_the_form_and_expect_the_answer_in_a_students_notebook():
+    grading.exercise("q", points=1)
+    grading.check_answer("b", choices=("a", "b"), what="question 1")  # the right answer is not known here
+    with pytest.raises(AssertionError, match=r"^\[q\] question 1: no answer given"):
+        grading.check_answer(None, choices=("a", "b"), what="question 1")
+    with pytest.raises(AssertionError, match="expected one of 'a', 'b', got 'c'"):
+        grading.check_answer("c", choices=("a", "b"))
+    grading.expect("b", "b", because="Why.")  # what nbgrader's autograde runs (hidden tests)
+    with pytest.raises(AssertionError, match=r"'a' is not the right answer. Why\."):
+        grading.expect("a", "b", because="Why.")
+    with pytest.raises(ValueError, match="explanation"):
+        grading.expect("a", "b", because="")
+
+
+def test_make_assignment_removes_hidden_tests():
+    nb = _notebook("answer = None\n### BEGIN SOLUTION\nanswer = 'b'\n### END SOLUTION",
+                   "lk.grading.exercise('q', points=1)\nlk.grading.check_answer(answer)\n### BEGIN HIDDEN TESTS\n"
+                   "lk.grading.expect(answer, 'b', because='Why.')\n### END HIDDEN TESTS\nprint('done')")
+    out = grader.make_assignment(nb)
+    assert out.cells[1].source == "lk.grading.exercise('q', points=1)\nlk.grading.check_answer(answer)\nprint('done')"
+    assert grader.hidden_blocks(nb) == ["lk.grading.expect(answer, 'b', because='Why.')"]
+    with pytest.raises(ValueError, match="never closed"):
+        grader.make_assignment(_notebook("### BEGIN HIDDEN TESTS\nx = 1"))
 
 
 # ---- the grader on small synthetic assignments --------------------------------------------------------
@@ -441,6 +499,17 @@ WRONG = {
                                   "torch.sort(v, descending=False, stable=True)"),
     "top_patches_field_without_start": (A0, "top_patches", "top, left = start + row * jump + P, start + col * jump + P",
                                         "top, left = row * jump + P, col * jump + P"),
+    # Inline questions (issue 13): a wrong choice or number scores zero, with the explanation
+    "question_pixel_space_groups_classes": (A0, "q_which_space", 'answer_space = "b"', 'answer_space = "a"'),
+    "question_field_side_not_area": (A0, "q_field_fraction", "answer_fraction = 0.39", "answer_fraction = 0.625"),
+    "question_saliency_survives_randomisation": (A1, "q_randomised_layers", 'answer_randomised = "b"',
+                                                 'answer_randomised = "a"'),
+    "question_large_patch_is_sharper": (A1, "q_large_patch", 'answer_patch = "b"', 'answer_patch = "a"'),
+    "question_no_prior_gives_natural_images": (A2, "q_no_regulariser", 'answer_regulariser = "b"',
+                                               'answer_regulariser = "a"'),
+    "question_gram_discards_colour": (A3, "q_gram_discards", 'answer_gram = "b"', 'answer_gram = "a"'),
+    "question_fgsm_budget_in_grey_levels": (A4, "q_fgsm_budget", "answer_budget = 0.0314", "answer_budget = 8"),
+    "question_adversarial_by_memorising": (A4, "q_why_small_works", 'answer_linear = "b"', 'answer_linear = "a"'),
 }
 
 
@@ -544,8 +613,11 @@ def test_solutions_score_full_marks(graded, notebook):
     report = graded[f"solution/{notebook}"]
     failed = {e.id: e.message for e in report.exercises if not e.passed}
     assert not failed, report.log[-3000:]
-    assert report.score == report.max_score == 10
-    assert len(report.exercises) >= 4
+    assert report.score == report.max_score
+    assert sum(e.max_points for e in report.exercises if e.kind == "code") == 10  # and the questions' points
+    assert len(report.exercises) >= 4 and any(e.kind == "question" for e in report.exercises)
+    assert report.manual and all(m.status == "pending manual grading" and m.answer for m in report.manual)
+    assert all(grader.BEGIN not in m.answer for m in report.manual)
     print(f"{notebook}: graded in {report.seconds:.1f} s (the key was built once, before)")
 
 
@@ -556,16 +628,20 @@ def test_untouched_assignments_score_zero_on_every_exercise(graded, notebook):
     solution = graded[f"solution/{notebook}"]
     assert [e.id for e in report.exercises] == [e.id for e in solution.exercises]
     assert report.score == 0 and report.max_score == solution.max_score
-    for e in report.exercises:
-        assert not e.passed and e.points == 0 and "NotImplementedError" in e.message, e
+    for e in report.exercises:  # every auto-graded item: the code exercises and the inline questions
+        assert not e.passed and e.points == 0, e
+        assert ("no answer given" if e.kind == "question" else "NotImplementedError") in e.message, e
+    assert report.manual and all(m.status == "no answer" and not m.answer for m in report.manual)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook", [A0, A1, A2, A3, A4])
 def test_without_a_sandbox_solutions_still_score_full_marks_and_assignments_zero(graded, notebook):
-    assert graded[f"unsandboxed/solution/{notebook}"].score == 10
+    solution = graded[f"unsandboxed/solution/{notebook}"]
+    assert solution.score == solution.max_score >= 10
     assignment = graded[f"unsandboxed/assignment/{notebook}"]
-    assert assignment.score == 0 and all("NotImplementedError" in e.message for e in assignment.exercises)
+    assert assignment.score == 0 and all("NotImplementedError" in e.message for e in assignment.exercises
+                                         if e.kind == "code")
 
 
 def test_withheld_functions_are_the_references_and_forbidden_names(keys):
@@ -589,7 +665,28 @@ def test_known_wrong_answer_loses_its_points(graded, name):
     assert report.score <= report.max_score - wrong.max_points
     # The graded cell caught it with an explanation (not a crash of the check itself).
     assert wrong.message.startswith("AssertionError: [" + exercise + "]"), wrong.message
+    if wrong.kind == "question":  # a wrong choice or number: the report says why the answer is another
+        assert "is not the right answer" in wrong.message and wrong.explanation
+        assert wrong.explanation[:80] in wrong.message
     print(f"{name}: {wrong.message}")
+
+
+@pytest.mark.slow
+def test_reports_count_free_text_answers_apart_in_json_and_csv(graded):
+    solution, assignment = graded[f"solution/{A0}"], graded[f"assignment/{A0}"]
+    data = solution.to_json()
+    assert data["score"] == data["max_score"] == sum(e["max_points"] for e in data["exercises"])  # auto only
+    assert data["manual_max_score"] == 1.0 and [m["id"] for m in data["manual"]] == ["why_pixel_neighbours"]
+    assert data["manual"][0]["status"] == "pending manual grading" and "Pixel distance" in data["manual"][0]["answer"]
+    question = next(e for e in data["exercises"] if e["id"] == "q_which_space")
+    assert question["kind"] == "question" and question["passed"] and "trained to separate" in question["explanation"]
+    assert "kind" not in data["exercises"][0]  # code exercises keep the DESIGN.md format
+    rows = grader.reports_to_csv({"alice": solution, "bob": assignment}).splitlines()
+    assert rows[0].endswith("score,max_score,why_pixel_neighbours (manual),manual_max_score")
+    assert rows[1].endswith(f"{solution.max_score:g},{solution.max_score:g},pending,1")
+    assert rows[2].endswith(f"0,{solution.max_score:g},no answer,1")
+    table = grader.format_report(solution)
+    assert "why_pixel_neighbours" in table and "not in the total above" in table
 
 
 
