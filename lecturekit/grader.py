@@ -98,7 +98,7 @@ __all__ = [
     "make_assignment", "assignment_text", "write_assignments", "solution_blocks",
     "graded_cells", "load_key", "Key", "grade", "grade_folder", "Exercise", "Report", "format_report",
     "reports_to_csv", "similarity_report", "sandbox_available", "SandboxUnavailable", "BEGIN", "END", "STUB",
-    "ManualItem", "manual_cells", "strip_hidden_tests", "hidden_blocks", "HIDDEN_BEGIN", "HIDDEN_END",
+    "ManualItem", "manual_cells", "nbgrader_metadata", "strip_hidden_tests", "hidden_blocks", "HIDDEN_BEGIN", "HIDDEN_END",
 ]
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
@@ -194,24 +194,94 @@ def make_assignment(nb, name: str = "notebook"):
     return nb
 
 
+NBGRADER_SCHEMA = 3  # nbgrader's cell-metadata schema_version (nbgrader/nbgraderformat/v3.json)
+
+
+def nbgrader_metadata(nb, name: str = "notebook"):
+    """``nb`` with nbgrader's cell metadata beside lecturekit's markers (a new notebook; ``nb`` is unchanged).
+
+    So that an instructor who runs nbgrader can use the assignments unchanged, every cell gets the
+    ``metadata.nbgrader`` that nbgrader's "Create Assignment" toolbar would give it, derived from the
+    markers: a code cell with a solution block is a solution cell (``grade_id`` ``<exercise>_solution``,
+    the exercise of the graded cell after it); a graded cell (``exercise("id", points=P)``) is a
+    locked grade cell with ``grade_id`` ``id`` and ``points`` P (nbgrader gives the points when the
+    cell runs without error, lecturekit when its values match: the same thing for these cells); a
+    markdown cell with a ``manual("id", points=P)`` marker is a manually graded answer (solution and
+    grade). Any other cell has no nbgrader metadata. A markdown solution block without a ``manual``
+    marker raises ``ValueError`` (nbgrader requires such cells to be graded).
+    """
+    nb = copy.deepcopy(nb)
+    graded = {i: m.group(1) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+              for m in [_EXERCISE.search(c.source)] if m}
+    points = {i: float(m.group(2)) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+              for m in [_EXERCISE.search(c.source)] if m}
+    seen: dict[str, int] = {}
+
+    def unique(grade_id: str) -> str:
+        seen[grade_id] = seen.get(grade_id, 0) + 1
+        return grade_id if seen[grade_id] == 1 else f"{grade_id}_{seen[grade_id]}"
+
+    def meta(**values) -> dict:
+        return {"grade": False, "locked": False, "solution": False, **values, "schema_version": NBGRADER_SCHEMA}
+
+    for i, cell in enumerate(nb.cells):
+        cell.metadata.pop("nbgrader", None)
+        manual = _MANUAL.search(cell.source) if cell.cell_type == "markdown" else None
+        if i in graded:
+            if BEGIN in cell.source:
+                raise ValueError(f"{name}, cell {i}: a graded cell cannot hold a solution block")
+            cell.metadata["nbgrader"] = meta(grade=True, locked=True, grade_id=unique(graded[i]), points=points[i])
+        elif cell.cell_type == "code" and BEGIN in cell.source:
+            after = [graded[j] for j in sorted(graded) if j > i]
+            cell.metadata["nbgrader"] = meta(solution=True, grade_id=unique(f"{after[0] if after else 'cell'}_solution"))
+        elif manual:
+            cell.metadata["nbgrader"] = meta(grade=True, solution=True, grade_id=unique(manual.group(1)),
+                                             points=float(manual.group(2)))
+        elif cell.cell_type == "markdown" and BEGIN in cell.source:
+            raise ValueError(f"{name}, cell {i}: a markdown answer block needs a "
+                             '<!-- lk.grading.manual("id", points=1) --> marker (nbgrader grades such cells by hand)')
+    return nb
+
+
+def _text(nb) -> str:
+    import nbformat
+
+    text = nbformat.writes(nb)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def solution_text(solution: Path) -> str:
+    """The exact text of ``solution`` with its nbgrader metadata as ``lecturekit assignments`` writes it."""
+    import nbformat
+
+    solution = Path(solution)
+    return _text(nbgrader_metadata(nbformat.read(solution, as_version=4), solution.name))
+
+
 def assignment_text(solution: Path) -> str:
     """The exact text ``lecturekit assignments`` writes for ``solution`` (for up-to-date checks)."""
     import nbformat
 
     solution = Path(solution)
-    nb = make_assignment(nbformat.read(solution, as_version=4), solution.name)
-    text = nbformat.writes(nb)
-    return text if text.endswith("\n") else text + "\n"
+    nb = nbgrader_metadata(nbformat.read(solution, as_version=4), solution.name)
+    return _text(make_assignment(nb, solution.name))
 
 
 def write_assignments(solutions: Path, assignments: Path, check_only: bool = False) -> list[Path]:
     """Write ``assignments/NAME.ipynb`` for every ``solutions/NAME.ipynb``; return the files that changed.
 
-    With ``check_only`` nothing is written: the returned list names the out-of-date assignments.
+    The solutions themselves get their nbgrader cell metadata (``nbgrader_metadata``) when it is
+    missing or stale. With ``check_only`` nothing is written: the returned list names the
+    out-of-date files (solutions and assignments).
     """
     solutions, assignments = Path(solutions), Path(assignments)
     changed = []
     for path in sorted(solutions.glob("*.ipynb")):
+        solved = solution_text(path)
+        if path.read_text(encoding="utf-8") != solved:
+            changed.append(path)
+            if not check_only:
+                path.write_text(solved, encoding="utf-8")
         target = assignments / path.name
         text = assignment_text(path)
         if not target.is_file() or target.read_text(encoding="utf-8") != text:
