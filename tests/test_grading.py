@@ -510,7 +510,69 @@ WRONG = {
     "question_gram_discards_colour": (A3, "q_gram_discards", 'answer_gram = "b"', 'answer_gram = "a"'),
     "question_fgsm_budget_in_grey_levels": (A4, "q_fgsm_budget", "answer_budget = 0.0314", "answer_budget = 8"),
     "question_adversarial_by_memorising": (A4, "q_why_small_works", 'answer_linear = "b"', 'answer_linear = "a"'),
+    "question_pixel_and_feature_space_alike": (A0, "q_which_space", 'answer_space = "b"', 'answer_space = "c"'),
+    "question_field_in_pixels": (A0, "q_field_fraction", "answer_fraction = 0.39", "answer_fraction = 1600"),
+    "question_gradcam_survives_randomisation": (A1, "q_randomised_layers", 'answer_randomised = "b"',
+                                                'answer_randomised = "c"'),
+    "question_large_patch_changes_nothing": (A1, "q_large_patch", 'answer_patch = "b"', 'answer_patch = "c"'),
+    "question_no_prior_gives_grey": (A2, "q_no_regulariser", 'answer_regulariser = "b"', 'answer_regulariser = "c"'),
+    "question_gram_discards_correlations": (A3, "q_gram_discards", 'answer_gram = "b"', 'answer_gram = "c"'),
+    "question_fgsm_budget_twice_eps": (A4, "q_fgsm_budget", "answer_budget = 0.0314", "answer_budget = 0.0627"),
+    "question_adversarial_from_the_clamp": (A4, "q_why_small_works", 'answer_linear = "b"', 'answer_linear = "c"'),
 }
+
+
+def test_every_new_exercise_has_at_least_two_known_wrong_answers():
+    new = [A0]  # issue 13: assignment 0, and the inline questions of every assignment
+    counts: dict[tuple[str, str], int] = {}
+    for notebook, exercise, _, _ in WRONG.values():
+        counts[notebook, exercise] = counts.get((notebook, exercise), 0) + 1
+    for notebook in (A0, A1, A2, A3, A4):
+        nb = nbformat.read(SOLUTIONS / notebook, as_version=4)
+        for exercise, _ in grader.graded_cells(nb).values():
+            if notebook in new or exercise.startswith("q_"):
+                assert counts.get((notebook, exercise), 0) >= 2, (notebook, exercise)
+
+
+def test_readme_practice_table_names_graded_exercises_and_covers_eleven_parts():
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text.split("### Practice: what the assignments grade, part by part")[1].split("\n\n|")[1].split("\n\n")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in ("|" + table).splitlines()[2:]]
+    graded = {p.name[:2]: {ex for ex, _ in grader.graded_cells(nbformat.read(p, as_version=4)).values()}
+              for p in SOLUTIONS.glob("*.ipynb")}
+    covered = []
+    for part, _, exercises in rows:
+        match = re.match(r"(\d\d): (.*)", exercises)
+        if match is None:
+            assert exercises == "not graded", part
+            continue
+        ids = re.findall(r"`([\w\-]+)`", match.group(2))
+        assert ids and set(ids) <= graded[match.group(1)], (part, set(ids) - graded[match.group(1)])
+        covered.append(part)
+    assert len(rows) == 13 and len(covered) >= 11, covered
+    listed = {(nb, i) for _, _, e in rows for m in [re.match(r"(\d\d): (.*)", e)] if m
+              for i in re.findall(r"`([\w\-]+)`", m.group(2)) for nb in [m.group(1)]}
+    assert listed == {(nb, i) for nb, ids in graded.items() for i in ids}  # every graded exercise is in the table
+
+
+def test_nbgrader_metadata_comes_from_the_markers():
+    nb = _notebook("def f(x):\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION",
+                   "lk.grading.exercise('f', points=2)\nlk.grading.check_close(f(torch.ones(1)), torch.ones(1))",
+                   'md:<!-- lk.grading.manual("why", points=1) -->\n### BEGIN SOLUTION\nBecause.\n### END SOLUTION',
+                   "x = 1")
+    out = grader.nbgrader_metadata(nb)
+    meta = [c.metadata.get("nbgrader") for c in out.cells]
+    assert meta[0] == {"grade": False, "locked": False, "solution": True, "grade_id": "f_solution", "schema_version": 3}
+    assert meta[1] == {"grade": True, "locked": True, "solution": False, "grade_id": "f", "points": 2.0,
+                       "schema_version": 3}
+    assert meta[2] == {"grade": True, "locked": False, "solution": True, "grade_id": "why", "points": 1.0,
+                       "schema_version": 3}
+    assert meta[3] is None and "nbgrader" not in nb.cells[0].metadata  # nb itself is unchanged
+    with pytest.raises(ValueError, match="manual"):
+        grader.nbgrader_metadata(_notebook("md:Why?\n### BEGIN SOLUTION\nBecause.\n### END SOLUTION"))
+
 
 
 def _spans(nb) -> tuple[list[int], dict[str, list[int]]]:
