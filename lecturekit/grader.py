@@ -66,6 +66,13 @@ global random state after the student's code ran, never from a withheld function
 same cell, also through intermediate variables and loops (``ref = lk.synthesis.ascent_step(net, ref,
 ...)``): in the sandbox it is a placeholder that the grader replaces by its own value.
 
+Inline questions (issue 13): a graded cell whose check is ``check_answer`` is a *question*: the student's
+choice or number is compared with the solution's answer, which the solution's hidden tests hold with
+its explanation (``expect``); the report marks it ``kind: "question"`` with the ``explanation``. A markdown
+cell with ``<!-- lk.grading.manual("id", points=1) -->`` is a free-text answer: reported under
+``manual`` (pending manual grading, or no answer), its points counted apart from ``score``.
+``nbgrader_metadata`` writes nbgrader's cell metadata from the markers (``lecturekit assignments``).
+
 What a graded cell itself imports (``exercise()``, the checks) is ``lecturekit.grading``.
 """
 from __future__ import annotations
@@ -98,7 +105,8 @@ __all__ = [
     "make_assignment", "assignment_text", "write_assignments", "solution_blocks",
     "graded_cells", "load_key", "Key", "grade", "grade_folder", "Exercise", "Report", "format_report",
     "reports_to_csv", "similarity_report", "sandbox_available", "SandboxUnavailable", "BEGIN", "END", "STUB",
-    "ManualItem", "manual_cells", "nbgrader_metadata", "strip_hidden_tests", "hidden_blocks", "HIDDEN_BEGIN", "HIDDEN_END",
+    "ManualItem", "manual_cells", "nbgrader_metadata", "strip_hidden_tests", "hidden_blocks",
+    "HIDDEN_BEGIN", "HIDDEN_END",
 ]
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
@@ -118,7 +126,8 @@ def _replace_blocks(source: str, stub_lines, where: str, begin: str = BEGIN, end
         marker = line.strip()
         if marker == begin:
             if inside:
-                raise ValueError(f"{where}, line {n}: '{begin}' inside another {'solution' if begin == BEGIN else 'hidden-tests'} block")
+                kind = "solution" if begin == BEGIN else "hidden-tests"
+                raise ValueError(f"{where}, line {n}: '{begin}' inside another {kind} block")
             inside = True
             indent = line[: len(line) - len(line.lstrip())]
             out.extend(indent + stub for stub in stub_lines)
@@ -140,36 +149,30 @@ def strip_hidden_tests(source: str, where: str = "cell") -> str:
     return _replace_blocks(source, (), where, HIDDEN_BEGIN, HIDDEN_END)
 
 
-def hidden_blocks(nb) -> list[str]:
-    """The text of every hidden-tests block of a notebook (markers excluded): the answers to inline questions."""
+def _marked_blocks(nb, begin: str, end: str) -> list[str]:
+    """The text between every ``begin`` and ``end`` marker line of a notebook's cells (markers excluded)."""
     blocks = []
     for cell in nb.cells:
         lines, inside = [], False
         for line in cell.source.splitlines():
-            if line.strip() == HIDDEN_BEGIN:
+            if line.strip() == begin:
                 inside, lines = True, []
-            elif line.strip() == HIDDEN_END:
+            elif line.strip() == end:
                 inside = False
                 blocks.append("\n".join(lines))
             elif inside:
                 lines.append(line)
     return blocks
+
+
+def hidden_blocks(nb) -> list[str]:
+    """The text of every hidden-tests block of a notebook (markers excluded): the answers to inline questions."""
+    return _marked_blocks(nb, HIDDEN_BEGIN, HIDDEN_END)
 
 
 def solution_blocks(nb) -> list[str]:
     """The text of every marked solution block of a notebook (markers excluded)."""
-    blocks = []
-    for cell in nb.cells:
-        lines, inside = [], False
-        for line in cell.source.splitlines():
-            if line.strip() == BEGIN:
-                inside, lines = True, []
-            elif line.strip() == END:
-                inside = False
-                blocks.append("\n".join(lines))
-            elif inside:
-                lines.append(line)
-    return blocks
+    return _marked_blocks(nb, BEGIN, END)
 
 
 def make_assignment(nb, name: str = "notebook"):
@@ -233,7 +236,8 @@ def nbgrader_metadata(nb, name: str = "notebook"):
             cell.metadata["nbgrader"] = meta(grade=True, locked=True, grade_id=unique(graded[i]), points=points[i])
         elif cell.cell_type == "code" and BEGIN in cell.source:
             after = [graded[j] for j in sorted(graded) if j > i]
-            cell.metadata["nbgrader"] = meta(solution=True, grade_id=unique(f"{after[0] if after else 'cell'}_solution"))
+            grade_id = unique(f"{after[0] if after else 'cell'}_solution")
+            cell.metadata["nbgrader"] = meta(solution=True, grade_id=grade_id)
         elif manual:
             cell.metadata["nbgrader"] = meta(grade=True, solution=True, grade_id=unique(manual.group(1)),
                                              points=float(manual.group(2)))
@@ -699,7 +703,8 @@ def load_key(against, solution=None, env: dict | None = None) -> Key:
     for ex_id, per_cell in references.items():
         if not any(r["check"] in ("close", "shape", "tensor", "answer") for rs in per_cell for r in rs):
             raise ValueError(f"the graded cell of {ex_id!r} compares no value (check_close, check_shape, "
-                             "check_tensor or check_answer): a grade cannot rest on checks the student's kernel evaluates")
+                             "check_tensor or check_answer): a grade cannot rest on checks the student's kernel "
+                             "evaluates")
         for r in (r for rs in per_cell for r in rs if r["check"] == "answer"):
             if "because" not in r:
                 raise ValueError(f"the question {ex_id!r} has no expect(...) in its hidden tests: its answer "

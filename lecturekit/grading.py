@@ -19,7 +19,12 @@ The same helpers work in three places (see ``lecturekit.grader`` for the whole s
 The instructor's side (the assignment generator and the grader) is ``lecturekit.grader``; its names
 are still reachable here (``lk.grading.grade``) with a DeprecationWarning.
 
-Notebooks: assignments/01_which_pixels_matter, assignments/02_synthesizing_images
+Inline questions: an answer cell sets ``answer_x = "b"`` (a choice) or a number; its graded cell hands it
+over with ``check_answer``, and the right answer, with why, is the solution's hidden test
+(``expect``), which ``lecturekit assignments`` removes from the student's notebook (as nbgrader does).
+
+Notebooks: assignments/00_what_the_network_learned, assignments/01_which_pixels_matter,
+assignments/02_synthesizing_images, assignments/03_style, assignments/04_adversarial
 """
 from __future__ import annotations
 
