@@ -188,6 +188,25 @@ def test_universal_patch_and_evolution_run_small_and_keep_their_contracts(course
         assert e.images.min() >= 0 and e.images.max() <= 1
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_batched_universal_step_is_the_mean_loss_gradient_of_a_linear_model(lin, norm):
+    """method="sgd", one pass, one batch: v = P_eps(eps/4 * d) with d the normalised mean CE gradient
+    at the model's own labels k(x_i) (the clip at 10 is inactive: these losses are small)."""
+    model, x, _ = lin
+    eps = 8 / 255
+    k = model(x).argmax(1)
+    g = ce_grad(model, x, k).mean(0, keepdim=True)  # d mean_i CE / dv, (1, 3, 2, 2)
+    d = g.sign() if norm == "linf" else g / g.norm()
+    expected = A.project(eps / 4 * d, eps, norm)
+    u = A.universal_perturbation(model, x, eps, norm=norm, epochs=1, method="sgd", batch_size=len(x),
+                                 delta=0.0, progress=False)
+    assert torch.allclose(u.v, expected) and len(u.rates) == 1
+    many = A.universal_perturbation(model, x, eps, norm=norm, epochs=6, method="sgd", batch_size=2, delta=0.0,
+                                    progress=False)
+    size = many.v.abs().max() if norm == "linf" else many.v.norm()
+    assert size <= eps + 1e-9 and len(many.rates) == 6
+
+
 def test_evolution_is_seeded():
     model = tiny_net(inplace=False)
     a = A.evolve_fooling_images(model, generations=2, size=16, seed=3, progress=False)
@@ -208,6 +227,8 @@ CALLS = {
     "pgd": lambda m, x, y: A.pgd(m, x, y, 2 / 255, steps=2),
     "fooling_image": lambda m, x, y: A.fooling_image(m, x, (y + 1) % 3, steps=2),
     "universal": lambda m, x, y: A.universal_perturbation(m, x, 0.05, epochs=1, progress=False),
+    "universal_sgd": lambda m, x, y: A.universal_perturbation(m, x, 0.05, epochs=2, method="sgd", batch_size=2,
+                                                              progress=False),
     "patch": lambda m, x, y: A.adversarial_patch(m, x, 1, patch=4, steps=2, batch_size=2, progress=False),
     "evolve": lambda m, x, y: A.evolve_fooling_images(m, generations=1, size=16, progress=False),
 }
@@ -245,6 +266,7 @@ def test_model_left_as_found_also_when_raising(name):
     (lambda m, x, y: A.fooling_image(m, x, y, threshold=1.5), "threshold"),
     (lambda m, x, y: A.evolve_fooling_images(m, encoding="pixels"), "encoding"),
     (lambda m, x, y: A.adversarial_patch(m, x, 1, patch=40), "patch no larger"),
+    (lambda m, x, y: A.universal_perturbation(m, x, 0.05, method="adam"), "method"),
 ])
 def test_bad_inputs_raise_clear_errors(call, match):
     model = tiny_net()
