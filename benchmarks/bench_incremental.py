@@ -58,7 +58,7 @@ def whole_maps(name, size, patch, stride, batch_sizes, per_evals):
 
     def best(make, choices):
         """The fastest setting on a cheaper grid (stride 2x), then the whole map with it: (seconds, map, setting)."""
-        times = {k: cpu(make(2 * stride, k))[0] for k in choices}
+        times = {k: cpu(make(2 * stride, k))[0] for k in choices} if len(choices) > 1 else {choices[0]: 0}
         k = min(times, key=times.get)
         return (*cpu(make(stride, k)), k)
 
@@ -80,8 +80,6 @@ def whole_maps(name, size, patch, stride, batch_sizes, per_evals):
         make = lambda s, k: captum_occlusion(net, x, target, patch, s, k)  # noqa: E731
         t_captum, m_captum, k = best(make, per_evals)
         row.update(captum=t_captum, per_eval=k, captum_diff=(m_captum - m_plain).abs().max().item())
-    macs_fast, macs_plain = incremental.occlusion_cost(net, x, patch, stride, b_fast)
-    row.update(flops=macs_plain / macs_fast)
     return row
 
 
@@ -114,57 +112,65 @@ def peak_memory_child(name: str, size: int, stride: int) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     attribution.occlusion(net, x, 281, patch=16, stride=stride, batch_size=64, progress=False, incremental=True)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024)  # ru_maxrss is in kB on Linux
+    print((after - before) / 1024, after / 1024)  # ru_maxrss is in kB on Linux: growth and peak, MB
 
 
-def peak_memory(name: str, size: int, stride: int) -> float:
+def peak_memory(name: str, size: int, stride: int) -> tuple[float, float]:
     out = subprocess.run([sys.executable, __file__, "--memory", name, str(size), str(stride)], capture_output=True,
                          text=True, check=True,
                          env=dict(os.environ, LECTUREKIT_STANDIN="1", MALLOC_MMAP_THRESHOLD_="131072"))
-    return float(out.stdout.strip().splitlines()[-1])
+    return tuple(map(float, out.stdout.strip().splitlines()[-1].split()))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="160 px and fewer settings")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the docstring)")
+    parser.add_argument("--parts", nargs="+", default=["memory", "whole", "sweep"], help="memory whole sweep")
+    parser.add_argument("--models", nargs="+", default=["squeezenet1_1", "resnet18"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 64],
+                        help="lecturekit batch sizes to choose the best from (one: no choice)")
+    parser.add_argument("--per-evals", nargs="+", type=int, default=[16, 64, 256],
+                        help="Captum perturbations_per_eval to choose the best from (one: no choice)")
+    parser.add_argument("--n", type=int, default=64, help="positions per batch in the sweep")
     args = parser.parse_args()
     size = 160 if args.quick else 224
     load = os.getloadavg()[0]
 
     # Memory first, in fresh processes, before this one builds a model.
-    strides = (16, 5)  # both above the batch size (64): the batches are full in both
-    P = [len(attribution.occlusion_positions((size, size), 16, s)) for s in strides]
-    mem = [peak_memory("squeezenet1_1", size, s) for s in strides]
-    print(f"| incremental occlusion peak memory (RSS growth after warm-up, fresh process), squeezenet1_1 {size} px "
-          "| positions | MB |\n|---|---|---|")
-    print(f"| P | {P[0]} | {mem[0]:.1f} |\n| {P[1] / P[0]:.0f}P | {P[1]} | {mem[1]:.1f} |\n")
-
+    if "memory" in args.parts:
+        strides = (16, 5)  # both above the batch size (64): the batches are full in both
+        P = [len(attribution.occlusion_positions((size, size), 16, s)) for s in strides]
+        mem = [peak_memory("squeezenet1_1", size, s) for s in strides]
+        copies = P[1] * 3 * size * size * 4 / 2 ** 20  # MB of float32 images, were all copies made at once
+        print(f"| incremental occlusion, squeezenet1_1 {size} px, fresh process | positions | RSS growth after a "
+              f"warm-up at P (MB) | peak RSS (MB) |\n|---|---|---|---|")
+        print(f"| P | {P[0]} | {mem[0][0]:.1f} | {mem[0][1]:.0f} |\n| {P[1] / P[0]:.0f}P | {P[1]} | {mem[1][0]:.1f} "
+              f"| {mem[1][1]:.0f} |\n(all {P[1]} occluded copies at once would take {copies:.0f} MB)\n")
     torch.set_num_threads(args.threads)
     print(f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPU cores, load average {load:.1f} at the start")
-    names = ("squeezenet1_1",) if args.quick else ("squeezenet1_1", "resnet18")
-    rows = [whole_maps(name, size, 16, 8, (16, 64), (16, 64, 256)) for name in names]
-    print("\n| whole map (CPU s, best batch setting of each) | lecturekit incremental | lecturekit plain | Captum Occlusion "
-          "| plain / incr. | Captum / incr. | FLOP ratio | max diff (of max) | target |\n|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        captum_t = f"{r['captum']:.1f} ({r['per_eval']})" if r["captum"] is not None else r["per_eval"]
-        captum_x = f"{r['captum'] / r['fast']:.1f}x" if r["captum"] is not None else "-"
-        flag = "" if r["plain"] / r["fast"] >= 3 and (r["captum"] is None or r["captum"] / r["fast"] >= 3) else " MISS"
-        print(f"| {r['what']} | {r['fast']:.1f} ({r['b_fast']}) | {r['plain']:.1f} ({r['b_plain']}) | {captum_t} | {r['plain'] / r['fast']:.1f}x "
-              f"| {captum_x} | {r['flops']:.1f}x | {r['diff']:.1e} ({r['scale']:.1e}) | >= 3x{flag} |")
-
-    print("\n| speed-up by patch and stride (one batch of 64 positions) | patch | stride | plain (s) | incremental (s) "
-          "| measured | FLOP ratio |\n|---|---|---|---|---|---|---|")
-    grid = [(8, 8), (16, 8), (16, 4), (16, 16), (32, 8), (32, 16), (48, 16)]
-    if args.quick:
-        grid = [(16, 8), (32, 16)]
-    for name in names:
-        net = models.imagenet_model(name, standin=True)
-        x = data.sample_image("cat", size=size)
-        for patch, stride in grid:
-            t_plain, t_fast, flops = one_batch(net, x, patch, stride)
-            print(f"| {name} {size} px | {patch} | {stride} | {t_plain:.2f} | {t_fast:.2f} | {t_plain / t_fast:.1f}x "
-                  f"| {flops:.1f}x |")
+    names = ("squeezenet1_1",) if args.quick else tuple(args.models)
+    if "whole" in args.parts:
+        rows = [whole_maps(name, size, 16, 8, args.batch_sizes, args.per_evals) for name in names]
+        print("\n| whole map (CPU s; batch size / per_eval) | lecturekit incremental | lecturekit plain | Captum Occlusion "
+              "| plain / incr. | Captum / incr. | max diff (max of map) | target |\n|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            captum_t = f"{r['captum']:.1f} ({r['per_eval']})" if r["captum"] is not None else r["per_eval"]
+            captum_x = f"{r['captum'] / r['fast']:.1f}x" if r["captum"] is not None else "-"
+            flag = "" if r["plain"] / r["fast"] >= 3 and (r["captum"] is None or r["captum"] / r["fast"] >= 3) else " MISS"
+            print(f"| {r['what']} | {r['fast']:.1f} ({r['b_fast']}) | {r['plain']:.1f} ({r['b_plain']}) | {captum_t} "
+                  f"| {r['plain'] / r['fast']:.1f}x | {captum_x} | {r['diff']:.1e} ({r['scale']:.1e}) | >= 3x{flag} |")
+    if "sweep" in args.parts:
+        print(f"\n| speed-up by patch and stride (one batch of {args.n} positions) | patch | stride | plain (s) "
+              "| incremental (s) | measured | FLOP ratio |\n|---|---|---|---|---|---|---|")
+        grid = [(8, 8), (16, 8), (16, 4), (32, 16), (48, 16)] if not args.quick else [(16, 8), (32, 16)]
+        for name in names:
+            net = models.imagenet_model(name, standin=True)
+            x = data.sample_image("cat", size=size)
+            for patch, stride in grid:
+                t_plain, t_fast, flops = one_batch(net, x, patch, stride, args.n)
+                print(f"| {name} {size} px | {patch} | {stride} | {t_plain:.2f} | {t_fast:.2f} "
+                      f"| {t_plain / t_fast:.1f}x | {flops:.1f}x |", flush=True)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -47,7 +47,7 @@ _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, torch
 _GLOBAL_MODULES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Linear)
 _GLOBAL_FUNCTIONS = {torch.flatten, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.linear, torch.mean,
                      torch.sum, torch.amax}
-_GLOBAL_METHODS = {"flatten", "view", "reshape", "mean", "sum", "amax"}
+_GLOBAL_METHODS = {"flatten", "view", "reshape", "mean", "sum", "amax", "size"}
 
 
 class Unsupported(ValueError):
@@ -205,6 +205,9 @@ class IncrementalModel:
                 node.kwargs.get("inplace", False)
             if inplace and any(len(n.users) > 1 for n in inputs):
                 raise Unsupported(f"{_describe(node, self.modules)} works in place on a value used elsewhere")
+        output = self.nodes[-1]
+        if output.op != "output" or not isinstance(output.args[0], fx.Node):
+            raise Unsupported("the model returns more than one tensor")
         if not any(self._kind(n) == "spatial" for n in self.nodes if n in local):
             raise Unsupported("no convolution or pooling sees a region before the first global layer: "
                               "nothing to gain")
