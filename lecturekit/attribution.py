@@ -103,7 +103,7 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target, patch=8, stride
         target = check_targets(target, N, scores.shape[1]).to(device)
         s0 = target_score(scores, target, output)  # (N,)
         drops = torch.empty(N * P, device=device, dtype=s0.dtype)  # d_p for every image and position
-        engine = _incremental_model(model, incremental)
+        engine = _incremental_model(model, incremental, xd[:1], corners, (ph, pw), base[:1])
         if engine is not None:  # image by image: the clean activations of one image cached at a time
             for i in range(N):
                 engine.prepare(xd[i:i + 1])
@@ -133,8 +133,12 @@ def occlusion(model: nn.Module, x: torch.Tensor, target: Target, patch=8, stride
     return (total / count).to(x.device)
 
 
-def _incremental_model(model: nn.Module, incremental: bool | None):
-    """The model read for incremental occlusion, or None for the plain method (``incremental`` as in occlusion)."""
+def _incremental_model(model: nn.Module, incremental: bool | None, x, corners, patch, base):
+    """The model read for incremental occlusion, or None for the plain method (``incremental`` as in occlusion).
+
+    With ``incremental=None`` a probe of a few positions of the first image must show at least 1.5x
+    fewer multiply-adds than the plain method (a small image, whose cones soon cover whole maps, may not).
+    """
     from . import incremental as inc  # its own module: a graph interpreter, not a technique of the lecture
 
     if incremental is False:
@@ -142,7 +146,15 @@ def _incremental_model(model: nn.Module, incremental: bool | None):
     if incremental not in (None, True):
         raise TypeError(f"expected incremental to be True, False or None, got {incremental!r}")
     try:
-        return inc.IncrementalModel(model)
+        engine = inc.IncrementalModel(model)
+        if incremental is None:
+            probe = corners[::max(1, len(corners) // 4)][:4]  # spread over the image
+            engine.prepare(x)
+            engine.scores(probe, patch, base)
+            if engine.macs * 1.5 > engine.full_macs * len(probe):
+                return None
+            engine.macs = 0
+        return engine
     except inc.Unsupported as err:
         if incremental:
             raise ValueError(f"incremental occlusion cannot run this model: {err}") from err

@@ -149,6 +149,10 @@ class IncrementalModel:
         self.modules = dict(self.graph_module.named_modules())
         self.nodes = list(self.graph_module.graph.nodes)
         self._check()
+        last_use = {n: user for user in self.nodes for n in user.all_input_nodes}  # the last user wins
+        self._done: dict = {}  # node -> the values no later node needs, freed after it ran
+        for n, user in last_use.items():
+            self._done.setdefault(user, []).append(n)
         self.clean: dict = {}
         self._padded: dict = {}
         self.macs = 0
@@ -283,6 +287,8 @@ class IncrementalModel:
                 env[node] = self.clean[node]  # does not depend on the image
                 continue
             env[node] = self._step(node, env)
+            for n in self._done.get(node, ()):  # memory: one batch's windows and maps while they are needed
+                env.pop(n, None)
             if record:
                 state = env[node]
                 size = tuple(self.clean[node].shape[2:]) if self.clean[node].dim() == 4 else None
