@@ -232,7 +232,7 @@ def test_memory_stays_bounded_as_positions_grow_tenfold(course, shapes_batch, mo
     per_batch = {}
     for stride in (16, 4):  # 16 and 169 positions
         seen.clear(), largest.clear()
-        A.occlusion(course, x, y, patch=16, stride=stride, batch_size=16, progress=False)
+        A.occlusion(course, x, y, patch=16, stride=stride, batch_size=16, progress=False, incremental=True)
         assert max(seen) <= 16 and sum(seen) == len(A.occlusion_positions((64, 64), 16, stride))
         per_batch[stride] = max(b - a for a, b in zip([0] + largest, largest))  # multiply-adds of one batch
     # ten times the positions, not ten times the work per batch (windows differ by alignment: < 2x)
