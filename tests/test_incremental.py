@@ -259,3 +259,17 @@ def test_cone_of_influence_is_the_receptive_field_arithmetic(course, shapes_batc
         assert whole or region.box == (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1), region
     shares = [(r.box[2] - r.box[0]) * (r.box[3] - r.box[1]) / (r.size[0] * r.size[1]) for r in cone]
     assert shares[-1] > 10 * shares[0]  # the cone widens: a tenth of a percent of the pixels, most of the last map
+
+
+def test_the_default_keeps_the_plain_method_where_nothing_is_gained(course, shapes_batch, monkeypatch):
+    """A 16 px image and a 12 px patch: every cone covers the whole map; the probe sees it, the plain method runs."""
+    calls = []
+    scores = inc.IncrementalModel.scores
+    monkeypatch.setattr(inc.IncrementalModel, "scores", lambda self, *a, **k: calls.append(1) or scores(self, *a, **k))
+    x = shapes_batch.images[:1, :, 24:40, 24:40]
+    auto = A.occlusion(course, x, 0, patch=12, stride=2, progress=False)
+    assert len(calls) == 1  # the probe only
+    assert torch.equal(auto, A.occlusion(course, x, 0, patch=12, stride=2, progress=False, incremental=False))
+    calls.clear()
+    A.occlusion(course, shapes_batch.images[:1], 0, patch=8, stride=8, progress=False)
+    assert len(calls) > 1  # on the 64 px image it gains, and runs incrementally
