@@ -11,7 +11,7 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "models", "hooks", "training", "plotting", "features", "receptive_field", "attribution",
+_SUBMODULES = ("data", "models", "hooks", "training", "plotting", "features", "receptive_field", "attribution", "incremental",
                "evaluation", "synthesis", "style", "adversarial", "widgets", "grading", "grader", "colab", "cli")
 
 

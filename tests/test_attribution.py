@@ -232,7 +232,8 @@ def test_occlusion_batches_stay_bounded_as_positions_grow_tenfold(random_course,
         x, y = shapes_batch.images[:2], shapes_batch.labels[:2]
         for stride in (16, 5):  # 16 and 144 positions per image
             seen.clear()
-            A.occlusion(random_course, x, y, patch=16, stride=stride, batch_size=32, progress=False)
+            # the plain method (the incremental one has its own test in tests/test_incremental.py)
+            A.occlusion(random_course, x, y, patch=16, stride=stride, batch_size=32, progress=False, incremental=False)
             assert max(seen) <= 32
             assert sum(seen) == 2 + 2 * len(A.occlusion_positions((64, 64), 16, stride))
     finally:
