@@ -20,8 +20,9 @@ __all__ = ["show_images", "show_grid", "overlay", "show_heatmaps", "moving_avera
 
 
 def _text_boxes(fig):
-    """(label, display-space Bbox) of every non-empty title and the suptitle of ``fig``, drawn once."""
+    """(label, display-space Bbox) of every non-empty title and the suptitle of ``fig``, as drawn."""
     fig.canvas.draw()
+    fig.canvas.draw()  # twice: a layout engine places a suptitle added late (mark_standin) on the second pass
     renderer = fig.canvas.get_renderer()
     boxes = []
     for i, ax in enumerate(fig.axes):

@@ -23,6 +23,8 @@ def test_overlapping_titles_finds_a_second_row_running_into_the_first():
         ax.set_title("short", fontsize=9)
     fig.suptitle("a figure")
     assert plotting.overlapping_titles(fig) == []
+    fig.suptitle("a suptitle set late, as mark_standin does", color="tab:red")
+    assert plotting.overlapping_titles(fig) == []  # measured after the layout engine has placed it
     plt.close(fig)
 
 
