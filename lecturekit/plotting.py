@@ -16,6 +16,68 @@ import torch
 __all__ = ["show_images", "show_grid", "overlay", "show_heatmaps", "moving_average", "learning_curves",
            "STANDIN_MARK", "title_for", "mark_standin"]
 
+# --- Layout checks: a notebook cell can assert that its figure is legible (issue 16) ---------------------
+
+
+def _text_boxes(fig):
+    """(label, display-space Bbox) of every non-empty title and the suptitle of ``fig``, as drawn."""
+    fig.canvas.draw()
+    fig.canvas.draw()  # twice: a layout engine places a suptitle added late (mark_standin) on the second pass
+    renderer = fig.canvas.get_renderer()
+    boxes = []
+    for i, ax in enumerate(fig.axes):
+        for text in (ax.title, ax._left_title, ax._right_title):  # the three title slots (loc=)
+            if text.get_visible() and text.get_text():
+                boxes.append((f"axes {i} title {text.get_text()!r}", text.get_window_extent(renderer), ax))
+    if fig._suptitle is not None and fig._suptitle.get_text():  # Figure.get_suptitle needs mpl 3.8
+        boxes.append((f"suptitle {fig._suptitle.get_text()!r}", fig._suptitle.get_window_extent(renderer), None))
+    return boxes
+
+
+def overlapping_titles(fig) -> list[str]:
+    """Titles of ``fig`` that overlap another title or another subplot's drawing area; [] when legible.
+
+    ``assert not lk.plotting.overlapping_titles(fig)`` in a notebook checks a grid's layout (a second row's
+    titles running into the images above is the usual failure). Colour bars' axes count as subplots.
+    """
+    boxes = _text_boxes(fig)
+    found = []
+    for a, (name_a, box_a, ax_a) in enumerate(boxes):
+        for name_b, box_b, _ in boxes[a + 1:]:
+            if box_a.overlaps(box_b):
+                found.append(f"{name_a} overlaps {name_b}")
+        for j, ax in enumerate(fig.axes):
+            if ax is not ax_a and ax.get_visible() and box_a.overlaps(ax.get_window_extent()):
+                found.append(f"{name_a} overlaps the drawing area of axes {j}")
+    return found
+
+
+def legend_covers_data(ax) -> float:
+    """Share of the plotted points of ``ax``'s lines that lie under its legend (0 when it has none).
+
+    ``assert lk.plotting.legend_covers_data(ax) == 0`` checks that a legend hides no curve."""
+    legend = ax.get_legend()
+    if legend is None:
+        return 0.0
+    ax.figure.canvas.draw()
+    box = legend.get_window_extent(ax.figure.canvas.get_renderer())
+    points = []
+    for line in ax.get_lines():
+        xy = line.get_transform().transform(np.asarray(line.get_xydata(), float))  # (P, 2) display coordinates
+        xy = xy[np.isfinite(xy).all(1)]
+        if len(xy) > 1:  # the segments too, not only the markers: 20 points along each
+            t = np.linspace(0, 1, 20, endpoint=False)[None, :, None]
+            xy = np.concatenate([(xy[:-1, None] * (1 - t) + xy[1:, None] * t).reshape(-1, 2), xy[-1:]])
+        points.append(xy)
+    if not any(len(p) for p in points):
+        return 0.0
+    xy = np.concatenate(points)
+    inside = (xy[:, 0] >= box.x0) & (xy[:, 0] <= box.x1) & (xy[:, 1] >= box.y0) & (xy[:, 1] <= box.y1)
+    return float(inside.mean())
+
+
+__all__ += ["overlapping_titles", "legend_covers_data"]
+
 # Appended to the title of every figure made with a stand-in ImageNet model (models.imagenet_model), so
 # that a screenshot can never pass random weights off as a result.
 STANDIN_MARK = " (stand-in weights)"

@@ -441,11 +441,19 @@ _COLOR_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.0
 _COLOR_SQRT = _COLOR_SQRT / _COLOR_SQRT.norm(dim=0).max()
 
 
-def _fourier(n: int, size: int, gen: torch.Generator, device, decay_power: float = 1.0, sd: float = 0.01):
+# Spread of the random start spectrum. Lucent uses 0.01, which renders an image within about 0.003 of
+# grey: on CourseNet that start lies where every ReLU below some features.9 channels is off, so their
+# gradient is exactly zero, Adam never moves, and the result is a flat grey square (issue 16). At 0.1
+# the start is still nearly grey (pixel std about 0.02) but every channel of features.9 gets a gradient.
+_FOURIER_SD = 0.1
+
+
+def _fourier(n: int, size: int, gen: torch.Generator, device, decay_power: float = 1.0, sd: float = _FOURIER_SD):
     """Olah et al. 2017: image = sigmoid(colour_mix(irfft2(scale * spectrum))), scale ~ 1/frequency.
 
     Returns the parameter (N, 3, size, size//2+1, 2) and the function that renders it to (N, 3, S, S).
-    Written here (Lucent is not a dependency) after lucent/optvis/param/spatial.py and color.py.
+    Written here (Lucent is not a dependency) after lucent/optvis/param/spatial.py and color.py, with a
+    wider random start (``sd``, see _FOURIER_SD) so that the ascent leaves it.
     """
     fy = torch.fft.fftfreq(size)[:, None]
     fx = torch.fft.rfftfreq(size)[None, :]

@@ -156,6 +156,24 @@ def test_channel_visualization_improves_the_channel(untrained, param):
     assert later.shape == (2, 3, 32, 32) and 0 <= later.min() and later.max() <= 1
 
 
+def test_fourier_leaves_its_start_for_every_channel(course):
+    # Issue 16: with Lucent's start spread (0.01) channels 1, 4 and 7 of features.9 came back as flat grey
+    # squares (every ReLU below them off at the start, a zero gradient, Adam never moved). A blank result
+    # has a pixel std of about 0.002; every image must now have visible contrast and a higher objective
+    # than the flat grey image.
+    objective = S.channel("features.9", [1, 4, 7])
+    x = S.class_visualization(course, objective=objective, steps=20, lr=0.05, param="fourier", size=32,
+                              progress=False)
+    assert (x.flatten(1).std(1) > 0.02).all(), x.flatten(1).std(1)
+    grey = torch.full((3, 3, 32, 32), 0.5)
+    assert (_values(course, objective, x) > _values(course, objective, grey) + 0.1).all()
+    # ... and the old start (same seed, Lucent's spread) really was dead: no gradient reaches channel 4's spectrum
+    spectrum, render = S._fourier(3, 32, torch.Generator().manual_seed(0), "cpu", sd=0.01)
+    with preserved(course), S.evaluator(course, objective) as evaluate:
+        (grad,) = torch.autograd.grad(evaluate(render()).sum(), spectrum)  # not .backward(): no .grad on course
+    assert grad[1].abs().max() == 0 and grad[0].abs().max() > 0
+
+
 def test_each_prior_runs_and_lowers_total_variation(untrained):
     kw = dict(steps=20, lr=0.05, start="noise", seed=0, size=32, progress=False)
     plain = S.total_variation(S.class_visualization(untrained, 1, **kw)).item()
