@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["build_course", "run_notebook", "offline_notebook", "notebook_html", "math_to_mathml",
+__all__ = ["build_course", "build_notebook", "run_notebook", "offline_notebook", "notebook_html", "math_to_mathml",
            "notebook_problems", "html_problems", "write_index", "STANDIN_LINE"]
 
 STANDIN_LINE = "STAND-IN WEIGHTS"  # what models.imagenet_model prints once per stand-in model
@@ -46,6 +46,13 @@ _DISPLAY = re.compile(r"\$\$(.+?)\$\$", re.S)
 _INLINE = re.compile(r"(?<![\\$])\$(?![\s$])((?:\\\$|[^$\n])+?)(?<![\s\\])\$(?!\$|\d)")
 
 
+def mathml_available() -> bool:
+    """Whether latex2mathml is installed (``pip install latex2mathml``; the ``dev`` extra has it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("latex2mathml") is not None
+
+
 def _mathml(tex: str, display: bool) -> str:
     from latex2mathml.converter import convert
 
@@ -59,8 +66,10 @@ def math_to_mathml(markdown: str) -> str:
     """Replace the ``$...$`` / ``$$...$$`` equations of a markdown text with MathML elements.
 
     Code blocks and code spans are kept as written. An equation latex2mathml cannot convert is shown
-    as code (its LaTeX source), never as raw dollars.
+    as code (its LaTeX source), never as raw dollars. Without latex2mathml the text is returned as is.
     """
+    if not mathml_available():
+        return markdown
     parts = _CODE.split(markdown)
     for i in range(0, len(parts), 2):  # even parts are prose, odd parts code
         text = _DISPLAY.sub(lambda m: "\n" + _mathml(m.group(1), True) + "\n", parts[i])
@@ -394,6 +403,8 @@ def build_course(root: Path, out: Path, fast: bool = False, timeout: int = 1800,
     if only:
         notebooks = [p for p in notebooks if any(p.name.startswith(o) for o in only)]
     out = Path(out)
+    if not mathml_available():
+        log("latex2mathml is not installed: equations stay as LaTeX source ($...$); pip install latex2mathml")
     results = []
     for path in notebooks:
         record = build_notebook(path, out, fast=fast, timeout=timeout, heartbeat=heartbeat, log=log)

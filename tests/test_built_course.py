@@ -181,3 +181,47 @@ KNOWN = {}
 def test_built_notebook_reads_well(notebook, built_notebook):
     record = built_notebook(notebook)
     assert record["problems"] == [], f"{notebook.name}:\n" + "\n".join(record["problems"])
+
+
+# ---- progress bars finish or disappear (the package's side) ----------------------------------------------
+
+@pytest.fixture
+def bars(monkeypatch):
+    """Every tqdm bar the package makes in the test, with (n, total) when it was closed."""
+    import io
+
+    import tqdm.auto
+    import tqdm.std
+
+    closed = []
+
+    class Recorder(tqdm.std.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, file=io.StringIO(), **kwargs)
+
+        def close(self):
+            if not self.disable and (self.n, self.total, self.desc) not in closed:
+                closed.append((self.n, self.total, self.desc))
+            super().close()
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    return closed
+
+
+def test_progress_bars_finish_or_disappear(bars, course):
+    from lecturekit import hooks, synthesis
+
+    assert list(hooks.progress_bar(range(4), desc="full")) == [0, 1, 2, 3]
+    for i in hooks.progress_bar(range(5), desc="early"):
+        if i == 2:
+            break  # a target reached: the bar ends where it is (tqdm would leave it red at 2/5)
+    # DeepDream's bar once stopped at 29/30 (an iterator advanced once per step, never past the last)
+    synthesis.deep_dream(course, torch_rand(), "features.3", steps=2, octaves=3, jitter=1)
+    assert bars == [(4, 4, "full"), (2, 2, "early"), (6, 6, "deep dream")]
+    assert list(hooks.progress_bar(range(3), progress=False)) == [0, 1, 2] and len(bars) == 3
+
+
+def torch_rand():
+    import torch
+
+    return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
