@@ -225,3 +225,24 @@ def torch_rand():
     import torch
 
     return torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_an_explorer_displays_its_picture_with_the_standin_check(course):
+    """What the build keeps of an explorer: the PNG of its current figure beside the widget view."""
+    import base64
+
+    import ipywidgets
+    import torch
+
+    from lecturekit import widgets
+
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    box = widgets.occlusion_explorer(course, x, 0, patch=16, stride=16)
+    data = box.picture_data()
+    assert base64.b64decode(data["image/png"])[:4] == b"\x89PNG"
+    assert data[FIGURE_MIME] == {"standin": False, "marked": False}
+    box.sliders[0].value = 8  # the picture follows the sliders
+    assert data["image/png"] != box.picture_data()["image/png"]
+    if hasattr(ipywidgets.Widget, "_repr_mimebundle_"):  # ipywidgets 8 (7 displays through _ipython_display_)
+        bundle = box._repr_mimebundle_()
+        assert {"image/png", "application/vnd.jupyter.widget-view+json", "text/plain"} <= set(bundle)
