@@ -275,7 +275,8 @@ _TEXT_BAR = re.compile(r"(\d+)/(\d+) \[")
 
 
 def notebook_problems(nb, closed_widgets=()) -> list[str]:
-    """Problems of an executed notebook: unmarked stand-in figures, unfinished bars, tracebacks.
+    """Problems of an executed notebook: unmarked stand-in figures, unfinished bars, tracebacks, and
+    torchvision's misleading "Downloading: URL" line.
 
     Each is one line naming the cell (its index in the notebook, from 0).
     """
@@ -289,6 +290,8 @@ def notebook_problems(nb, closed_widgets=()) -> list[str]:
         check = data.get(FIGURE_MIME)
         if (check and check.get("standin") and not check.get("marked")) or STANDIN_UNMARKED in _text(output):
             problems.append(f"cell {index}: a figure made where a stand-in model ran does not say 'stand-in'")
+        if re.search(r'Downloading: "?https?://', _text(output)):  # torchvision's line, printed also when the download then fails
+            problems.append(f"cell {index}: a 'Downloading: ...' line (one line per stand-in model is enough)")
         if output.get("output_type") == "error":
             problems.append(f"cell {index}: traceback ({output.get('ename')}: {str(output.get('evalue'))[:80]})")
         elif "Traceback (most recent call last)" in _text(output):

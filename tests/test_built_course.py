@@ -74,6 +74,11 @@ def test_a_standin_figure_without_the_mark_is_caught():
     assert course.notebook_problems(_executed(_figure(False, False))) == []
 
 
+def test_a_download_line_is_caught():
+    line = v4.new_output("stream", name="stderr", text='Downloading: "https://download.pytorch.org/x.pth" to /tmp\n')
+    assert course.notebook_problems(_executed(line))
+
+
 def test_a_traceback_is_caught():
     error = v4.new_output("error", ename="ValueError", evalue="bad", traceback=["ValueError: bad"])
     assert any("traceback" in p for p in course.notebook_problems(_executed(error)))
