@@ -432,7 +432,7 @@ def write_index(out: Path, results: list[dict]) -> Path:
             f'<tr><td><a href="{html.escape(r["name"])}.html">{html.escape(r["title"])}</a></td>'
             f'<td class="{"ok" if ok else "bad"}">{html.escape(r["status"])}</td>'
             f'<td class="num">{r["seconds"]:.0f} s</td>'
-            f'<td>{"<b>stand-in</b>" if r.get("standin") else "trained"}</td>'
+            f'<td>{"<b>yes</b>" if r.get("standin") else "no"}</td>'
             f'<td>{"<br>".join(html.escape(p) for p in problems) if problems else "none"}</td></tr>')
     total = sum(r["seconds"] for r in results)
     page = (
@@ -443,10 +443,10 @@ def write_index(out: Path, results: list[dict]) -> Path:
         ".bad{color:#c62828}b{color:#c62828}</style>"
         "<h1>Visualizing and Understanding CNNs</h1>"
         f"<p>The executed notebooks of the course ({len(results)} notebooks, {total / 60:.1f} min). "
-        "<b>stand-in</b>: ImageNet weights were not available (no network, nothing cached), so the "
-        "in-the-wild figures of that notebook come from seeded random weights and each says so; "
-        "the course-model figures are real.</p>"
-        "<table><tr><th>notebook</th><th>status</th><th>run time</th><th>ImageNet weights</th>"
+        "<b>Stand-in weights</b>: the ImageNet weights were not available (no network, nothing cached), "
+        "so the in-the-wild figures of that notebook come from seeded random weights, and each says so; "
+        "its course-model figures are real.</p>"
+        "<table><tr><th>notebook</th><th>status</th><th>run time</th><th>stand-in weights</th>"
         f"<th>problems</th></tr>{''.join(rows)}</table></html>")
     path = Path(out) / "index.html"
     path.write_text(page, encoding="utf-8")

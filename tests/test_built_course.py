@@ -170,7 +170,7 @@ def test_the_build_catches_and_fixes_in_a_real_kernel(tmp_path):
     assert not any("internet" in p or "raw math" in p for p in course.html_problems(page))
     assert page.count('class="lk-progress"') == 1  # the stopped bar; the finished one disappeared
     index = (tmp_path / "build" / "index.html").read_text()
-    assert "00_tiny.html" in index and "stand-in" in index and "progress bar left at 1/3" in index
+    assert "00_tiny.html" in index and "<b>yes</b>" in index and "progress bar left at 1/3" in index
 
 
 # ---- the whole course ------------------------------------------------------------------------------------
