@@ -285,11 +285,16 @@ def notebook_problems(nb, closed_widgets=()) -> list[str]:
     state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
     closed = set(closed_widgets)
     problems = []
+    for index, cell in enumerate(nb.cells):  # unmarked figures: the FIGURE_MIME entries, else the warnings
+        outputs = cell.get("outputs", [])
+        checks = [o.get("data", {}).get(FIGURE_MIME) for o in outputs]
+        unmarked = max(sum(bool(c and c.get("standin") and not c.get("marked")) for c in checks),
+                       sum(_text(o).count(STANDIN_UNMARKED) for o in outputs))
+        if unmarked:
+            problems.append(f"cell {index}: {unmarked} figure(s) made where a stand-in model ran "
+                            "without saying 'stand-in'")
     for index, output in _outputs(nb):
         data = output.get("data", {})
-        check = data.get(FIGURE_MIME)
-        if (check and check.get("standin") and not check.get("marked")) or STANDIN_UNMARKED in _text(output):
-            problems.append(f"cell {index}: a figure made where a stand-in model ran does not say 'stand-in'")
         if re.search(r'Downloading: "?https?://', _text(output)):  # torchvision's line, printed also when the download then fails
             problems.append(f"cell {index}: a 'Downloading: ...' line (one line per stand-in model is enough)")
         if output.get("output_type") == "error":
@@ -387,7 +392,10 @@ def build_notebook(path: Path, out: Path, fast: bool = False, timeout: int = 180
     nbformat.write(nb, out / f"{record['name']}.ipynb")
     page = notebook_html(offline_notebook(nb, record["closed_widgets"]))
     (out / f"{record['name']}.html").write_text(page, encoding="utf-8")
-    record["problems"] = notebook_problems(nb, record["closed_widgets"]) + html_problems(page)
+    problems = notebook_problems(nb, record["closed_widgets"])
+    # the page repeats what the notebook shows (a stand-in warning, a traceback): only what is new
+    record["problems"] = problems + [p for p in html_problems(page) if not any(
+        word in p and any(word in q for q in problems) for word in ("stand-in", "traceback"))]
     return record
 
 
