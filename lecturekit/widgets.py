@@ -91,7 +91,9 @@ def _with_picture(box, picture: _Picture):
                     "application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0,
                                                                  "model_id": box._model_id}}
             display({**data, **picture.bundle()}, raw=True)
-            box._handle_displayed(**kwargs)
+            handle = getattr(box, "_handle_displayed", None)  # 7's on_displayed callbacks
+            if handle is not None:
+                handle(**kwargs)
 
         box._ipython_display_ = _ipython_display_
     return box

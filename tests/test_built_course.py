@@ -268,3 +268,22 @@ def test_an_explorer_displays_its_picture_with_the_standin_check(course):
     if hasattr(ipywidgets.Widget, "_repr_mimebundle_"):  # ipywidgets 8 (7 displays through _ipython_display_)
         bundle = box._repr_mimebundle_()
         assert {"image/png", "application/vnd.jupyter.widget-view+json", "text/plain"} <= set(bundle)
+
+
+def test_under_ipywidgets_7_the_explorer_displays_its_picture_too(course, monkeypatch):
+    """ipywidgets 7 (Colab) displays a widget with _ipython_display_, not _repr_mimebundle_: simulated."""
+    import IPython.display
+    import ipywidgets
+    import torch
+
+    from lecturekit import widgets
+
+    shown = []
+    monkeypatch.delattr(ipywidgets.Widget, "_repr_mimebundle_", raising=False)
+    monkeypatch.setattr(IPython.display, "display", lambda data, raw=False: shown.append((data, raw)))
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    box = widgets.occlusion_explorer(course, x, 0, patch=16, stride=16)
+    box._ipython_display_()
+    [(data, raw)] = shown
+    assert raw and {"image/png", "application/vnd.jupyter.widget-view+json", FIGURE_MIME} <= set(data)
+    assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == box.model_id
