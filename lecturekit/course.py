@@ -40,10 +40,11 @@ INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 # ---- Equations: LaTeX in markdown -> MathML ---------------------------------------------------------
 
 # Code (fenced blocks, inline code spans) is left alone; then $$...$$ (display) and $...$ (inline, no
-# space just inside the dollars, so "costs $5 and $6" stays text). \$ is a literal dollar.
+# space just inside the dollars, so "costs $5 and $6" stays text; it may wrap onto the next line, not across
+# a paragraph). \$ is a literal dollar.
 _CODE = re.compile(r"(^```.*?^```|^~~~.*?^~~~|`[^`\n]+`)", re.S | re.M)
 _DISPLAY = re.compile(r"\$\$(.+?)\$\$", re.S)
-_INLINE = re.compile(r"(?<![\\$])\$(?![\s$])((?:\\\$|[^$\n])+?)(?<![\s\\])\$(?!\$|\d)")
+_INLINE = re.compile(r"(?<![\\$])\$(?![\s$])((?:\\\$|[^$\n]|\n(?![ \t]*\n))+?)(?<![\s\\])\$(?!\$|\d)")
 
 
 def mathml_available() -> bool:

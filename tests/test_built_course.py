@@ -33,6 +33,8 @@ def test_math_becomes_mathml_and_code_stays():
     assert "`$not_math$`" in out and "$code$" in out
     assert "$5 and $6" in out  # currency is not math (a space or digit next to the dollar)
     assert "$S_c" not in out and "$$" not in out
+    assert "<math" in course.math_to_mathml("a wrapped $x\n+ y$ equation")  # one newline: still math
+    assert course.math_to_mathml("costs $5\n\nand $6") == "costs $5\n\nand $6"  # never across paragraphs
 
 
 def _page(markdown: str, convert: bool = True) -> str:
