@@ -289,3 +289,20 @@ def test_under_ipywidgets_7_the_explorer_displays_its_picture_too(course, monkey
     [(data, raw)] = shown
     assert raw and {"image/png", "application/vnd.jupyter.widget-view+json", FIGURE_MIME} <= set(data)
     assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == box.model_id
+
+
+def test_a_standin_model_flags_its_use_and_a_real_one_does_not(course):
+    """What the figure check relies on: a forward pass of a stand-in model, or a look at its weights."""
+    import torch
+
+    from lecturekit import features, models, plotting
+
+    net = models.imagenet_model("squeezenet1_1", standin=True)
+    for use in (lambda: net(torch.rand(1, 3, 32, 32)), lambda: features.first_layer_filters(net)):
+        plotting._standin["ran"] = False
+        use()
+        assert plotting.standin_ran()
+    plotting._standin["ran"] = False
+    course(torch.rand(1, 3, 32, 32))
+    features.first_layer_filters(course)
+    assert not plotting.standin_ran()
