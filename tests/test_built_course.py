@@ -184,7 +184,11 @@ CHECKS = {"stand-in mark": "stand-in", "raw math": "raw math", "progress bars": 
           "tracebacks": "traceback", "offline": "internet", "download line": "Downloading"}
 # (notebook, check) pairs known to fail while other branches of issue 16 fix the notebooks' content;
 # xfail(strict=False) until they are merged, then emptied.
-KNOWN: dict[tuple[str, str], str] = {}
+_UNMARKED = ("figures of stand-in ImageNet models without the stand-in mark (found by this check on "
+             "2026-11-23; the notebooks' content is being fixed on the nb_a/nb_b branches)")
+KNOWN: dict[tuple[str, str], str] = {(name, "stand-in mark"): _UNMARKED for name in (
+    "01_filters", "02_last_layer", "03_activations", "05_guided_backprop", "08_gradient_ascent",
+    "09_deepdream", "10_feature_inversion")}
 
 
 @pytest.mark.slow
