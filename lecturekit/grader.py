@@ -66,6 +66,13 @@ global random state after the student's code ran, never from a withheld function
 same cell, also through intermediate variables and loops (``ref = lk.synthesis.ascent_step(net, ref,
 ...)``): in the sandbox it is a placeholder that the grader replaces by its own value.
 
+Inline questions (issue 13): a graded cell whose check is ``check_answer`` is a *question*: the student's
+choice or number is compared with the solution's answer, which the solution's hidden tests hold with
+its explanation (``expect``); the report marks it ``kind: "question"`` with the ``explanation``. A markdown
+cell with ``<!-- lk.grading.manual("id", points=1) -->`` is a free-text answer: reported under
+``manual`` (pending manual grading, or no answer), its points counted apart from ``score``.
+``nbgrader_metadata`` writes nbgrader's cell metadata from the markers (``lecturekit assignments``).
+
 What a graded cell itself imports (``exercise()``, the checks) is ``lecturekit.grading``.
 """
 from __future__ import annotations
@@ -98,9 +105,13 @@ __all__ = [
     "make_assignment", "assignment_text", "write_assignments", "solution_blocks",
     "graded_cells", "load_key", "Key", "grade", "grade_folder", "Exercise", "Report", "format_report",
     "reports_to_csv", "similarity_report", "sandbox_available", "SandboxUnavailable", "BEGIN", "END", "STUB",
+    "ManualItem", "manual_cells", "nbgrader_metadata", "strip_hidden_tests", "hidden_blocks",
+    "HIDDEN_BEGIN", "HIDDEN_END",
 ]
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
+HIDDEN_BEGIN = "### BEGIN HIDDEN TESTS"  # nbgrader's hidden tests: in solutions/ only, never in assignments/
+HIDDEN_END = "### END HIDDEN TESTS"
 STUB = ("# YOUR CODE HERE", "raise NotImplementedError()")  # nbgrader's stub, line by line
 MARKDOWN_STUB = "YOUR ANSWER HERE"
 
@@ -109,36 +120,44 @@ MARKDOWN_STUB = "YOUR ANSWER HERE"
 # Assignments from solutions
 # ---------------------------------------------------------------------------------------------------
 
-def _replace_blocks(source: str, stub_lines, where: str) -> str:
+def _replace_blocks(source: str, stub_lines, where: str, begin: str = BEGIN, end: str = END) -> str:
     out, inside = [], False
     for n, line in enumerate(source.splitlines(), 1):
         marker = line.strip()
-        if marker == BEGIN:
+        if marker == begin:
             if inside:
-                raise ValueError(f"{where}, line {n}: '{BEGIN}' inside another solution block")
+                kind = "solution" if begin == BEGIN else "hidden-tests"
+                raise ValueError(f"{where}, line {n}: '{begin}' inside another {kind} block")
             inside = True
             indent = line[: len(line) - len(line.lstrip())]
             out.extend(indent + stub for stub in stub_lines)
-        elif marker == END:
+        elif marker == end:
             if not inside:
-                raise ValueError(f"{where}, line {n}: '{END}' without a '{BEGIN}' before it")
+                raise ValueError(f"{where}, line {n}: '{end}' without a '{begin}' before it")
             inside = False
         elif not inside:
             out.append(line)
     if inside:
-        raise ValueError(f"{where}: '{BEGIN}' is never closed by '{END}'")
+        raise ValueError(f"{where}: '{begin}' is never closed by '{end}'")
     return "\n".join(out)
 
 
-def solution_blocks(nb) -> list[str]:
-    """The text of every marked solution block of a notebook (markers excluded)."""
+def strip_hidden_tests(source: str, where: str = "cell") -> str:
+    """``source`` without its ``### BEGIN HIDDEN TESTS`` ... ``### END HIDDEN TESTS`` blocks (as nbgrader does)."""
+    if HIDDEN_BEGIN not in source and HIDDEN_END not in source:
+        return source
+    return _replace_blocks(source, (), where, HIDDEN_BEGIN, HIDDEN_END)
+
+
+def _marked_blocks(nb, begin: str, end: str) -> list[str]:
+    """The text between every ``begin`` and ``end`` marker line of a notebook's cells (markers excluded)."""
     blocks = []
     for cell in nb.cells:
         lines, inside = [], False
         for line in cell.source.splitlines():
-            if line.strip() == BEGIN:
+            if line.strip() == begin:
                 inside, lines = True, []
-            elif line.strip() == END:
+            elif line.strip() == end:
                 inside = False
                 blocks.append("\n".join(lines))
             elif inside:
@@ -146,13 +165,24 @@ def solution_blocks(nb) -> list[str]:
     return blocks
 
 
+def hidden_blocks(nb) -> list[str]:
+    """The text of every hidden-tests block of a notebook (markers excluded): the answers to inline questions."""
+    return _marked_blocks(nb, HIDDEN_BEGIN, HIDDEN_END)
+
+
+def solution_blocks(nb) -> list[str]:
+    """The text of every marked solution block of a notebook (markers excluded)."""
+    return _marked_blocks(nb, BEGIN, END)
+
+
 def make_assignment(nb, name: str = "notebook"):
     """A solution notebook -> the student's notebook (a new object; ``nb`` is not changed).
 
     Each ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` block of a code cell becomes nbgrader's stub
     (``# YOUR CODE HERE`` / ``raise NotImplementedError()``) at the marker's indentation; in a markdown
-    cell it becomes ``YOUR ANSWER HERE``. Outputs and execution counts are cleared. Unbalanced markers
-    raise ``ValueError`` naming the cell.
+    cell it becomes ``YOUR ANSWER HERE``. Hidden tests (``### BEGIN HIDDEN TESTS`` ...
+    ``### END HIDDEN TESTS``, the answers to inline questions) are removed, as nbgrader does. Outputs
+    and execution counts are cleared. Unbalanced markers raise ``ValueError`` naming the cell.
     """
     import copy
 
@@ -160,11 +190,76 @@ def make_assignment(nb, name: str = "notebook"):
     for i, cell in enumerate(nb.cells):
         where = f"{name}, cell {i}"
         if cell.cell_type == "code":
-            cell.source = _replace_blocks(cell.source, STUB, where)
+            cell.source = _replace_blocks(strip_hidden_tests(cell.source, where), STUB, where)
             cell.outputs, cell.execution_count = [], None
         elif cell.cell_type == "markdown":
             cell.source = _replace_blocks(cell.source, (MARKDOWN_STUB,), where)
     return nb
+
+
+NBGRADER_SCHEMA = 3  # nbgrader's cell-metadata schema_version (nbgrader/nbgraderformat/v3.json)
+
+
+def nbgrader_metadata(nb, name: str = "notebook"):
+    """``nb`` with nbgrader's cell metadata beside lecturekit's markers (a new notebook; ``nb`` is unchanged).
+
+    So that an instructor who runs nbgrader can use the assignments unchanged, every cell gets the
+    ``metadata.nbgrader`` that nbgrader's "Create Assignment" toolbar would give it, derived from the
+    markers: a code cell with a solution block is a solution cell (``grade_id`` ``<exercise>_solution``,
+    the exercise of the graded cell after it); a graded cell (``exercise("id", points=P)``) is a
+    locked grade cell with ``grade_id`` ``id`` and ``points`` P (nbgrader gives the points when the
+    cell runs without error, lecturekit when its values match: the same thing for these cells); a
+    markdown cell with a ``manual("id", points=P)`` marker is a manually graded answer (solution and
+    grade). Any other cell has no nbgrader metadata. A markdown solution block without a ``manual``
+    marker raises ``ValueError`` (nbgrader requires such cells to be graded).
+    """
+    nb = copy.deepcopy(nb)
+    graded = {i: m.group(1) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+              for m in [_EXERCISE.search(c.source)] if m}
+    points = {i: float(m.group(2)) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+              for m in [_EXERCISE.search(c.source)] if m}
+    seen: dict[str, int] = {}
+
+    def unique(grade_id: str) -> str:
+        seen[grade_id] = seen.get(grade_id, 0) + 1
+        return grade_id if seen[grade_id] == 1 else f"{grade_id}_{seen[grade_id]}"
+
+    def meta(**values) -> dict:
+        return {"grade": False, "locked": False, "solution": False, **values, "schema_version": NBGRADER_SCHEMA}
+
+    for i, cell in enumerate(nb.cells):
+        cell.metadata.pop("nbgrader", None)
+        manual = _MANUAL.search(cell.source) if cell.cell_type == "markdown" else None
+        if i in graded:
+            if BEGIN in cell.source:
+                raise ValueError(f"{name}, cell {i}: a graded cell cannot hold a solution block")
+            cell.metadata["nbgrader"] = meta(grade=True, locked=True, grade_id=unique(graded[i]), points=points[i])
+        elif cell.cell_type == "code" and BEGIN in cell.source:
+            after = [graded[j] for j in sorted(graded) if j > i]
+            grade_id = unique(f"{after[0] if after else 'cell'}_solution")
+            cell.metadata["nbgrader"] = meta(solution=True, grade_id=grade_id)
+        elif manual:
+            cell.metadata["nbgrader"] = meta(grade=True, solution=True, grade_id=unique(manual.group(1)),
+                                             points=float(manual.group(2)))
+        elif cell.cell_type == "markdown" and BEGIN in cell.source:
+            raise ValueError(f"{name}, cell {i}: a markdown answer block needs a "
+                             '<!-- lk.grading.manual("id", points=1) --> marker (nbgrader grades such cells by hand)')
+    return nb
+
+
+def _text(nb) -> str:
+    import nbformat
+
+    text = nbformat.writes(nb)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def solution_text(solution: Path) -> str:
+    """The exact text of ``solution`` with its nbgrader metadata as ``lecturekit assignments`` writes it."""
+    import nbformat
+
+    solution = Path(solution)
+    return _text(nbgrader_metadata(nbformat.read(solution, as_version=4), solution.name))
 
 
 def assignment_text(solution: Path) -> str:
@@ -172,19 +267,25 @@ def assignment_text(solution: Path) -> str:
     import nbformat
 
     solution = Path(solution)
-    nb = make_assignment(nbformat.read(solution, as_version=4), solution.name)
-    text = nbformat.writes(nb)
-    return text if text.endswith("\n") else text + "\n"
+    nb = nbgrader_metadata(nbformat.read(solution, as_version=4), solution.name)
+    return _text(make_assignment(nb, solution.name))
 
 
 def write_assignments(solutions: Path, assignments: Path, check_only: bool = False) -> list[Path]:
     """Write ``assignments/NAME.ipynb`` for every ``solutions/NAME.ipynb``; return the files that changed.
 
-    With ``check_only`` nothing is written: the returned list names the out-of-date assignments.
+    The solutions themselves get their nbgrader cell metadata (``nbgrader_metadata``) when it is
+    missing or stale. With ``check_only`` nothing is written: the returned list names the
+    out-of-date files (solutions and assignments).
     """
     solutions, assignments = Path(solutions), Path(assignments)
     changed = []
     for path in sorted(solutions.glob("*.ipynb")):
+        solved = solution_text(path)
+        if path.read_text(encoding="utf-8") != solved:
+            changed.append(path)
+            if not check_only:
+                path.write_text(solved, encoding="utf-8")
         target = assignments / path.name
         text = assignment_text(path)
         if not target.is_file() or target.read_text(encoding="utf-8") != text:
@@ -201,6 +302,10 @@ def write_assignments(solutions: Path, assignments: Path, check_only: bool = Fal
 
 _EXERCISE = re.compile(r"""^\s*(?:[A-Za-z_][\w.]*\.)?exercise\(\s*(?:id\s*=\s*)?["']([\w\-]+)["']\s*,"""
                        r"""\s*(?:points\s*=\s*)?([0-9]+(?:\.[0-9]*)?)\s*\)""", re.M)
+# A free-text answer graded by a person: a markdown cell holding <!-- lk.grading.manual("id", points=1) -->
+_MANUAL = re.compile(r"""<!--\s*(?:[A-Za-z_][\w.]*\.)?manual\(\s*(?:id\s*=\s*)?["']([\w\-]+)["']\s*,"""
+                     r"""\s*(?:points\s*=\s*)?([0-9]+(?:\.[0-9]*)?)\s*\)\s*-->""")
+ANSWER_TEXT_CHARS = 4000  # the longest free-text answer a report keeps
 _NBVAL_MARKER = re.compile(r"^[ \t]*#[ \t]*(?:NBVAL|PYTEST_VALIDATE)_\w+[ \t]*$", re.M | re.I)
 MESSAGE_CHARS = 400  # a message in a report is at most this long
 LOG_BYTES = 20_000  # how much of a submission's printed output a report keeps (its tail)
@@ -234,6 +339,25 @@ class Exercise:
     max_points: float
     passed: bool
     message: str = ""
+    kind: str = "code"  # "code": a function compared with the reference; "question": an inline question
+    explanation: str = ""  # a question's: why the right answer is right (from the solution's hidden tests)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        if self.kind == "code":  # the DESIGN.md format, unchanged for code exercises
+            data.pop("kind")
+            data.pop("explanation")
+        return data
+
+
+@dataclass
+class ManualItem:
+    """A free-text answer waiting for a person: its points are not in the report's score (``manual``)."""
+
+    id: str
+    max_points: float
+    status: str  # "pending manual grading" or "no answer"
+    answer: str = ""  # the student's text (at most ANSWER_TEXT_CHARS)
 
 
 @dataclass
@@ -246,10 +370,20 @@ class Report:
     exercises: list = field(default_factory=list)
     seconds: float = 0.0
     log: str = ""  # the tail of what the submission printed, and the grader's notes (not in the JSON report)
+    manual: list = field(default_factory=list)  # ManualItem: free-text answers, not in score / max_score
+
+    @property
+    def manual_max_score(self) -> float:
+        """Points of the free-text answers, graded by a person (counted apart from ``score``)."""
+        return sum(m.max_points for m in self.manual)
 
     def to_json(self) -> dict:
-        return dict(notebook=self.notebook, score=self.score, max_score=self.max_score,
-                    exercises=[asdict(e) for e in self.exercises])
+        """The DESIGN.md format; with free-text answers, also ``manual`` and ``manual_max_score``."""
+        data = dict(notebook=self.notebook, score=self.score, max_score=self.max_score,
+                    exercises=[e.to_json() if isinstance(e, Exercise) else asdict(e) for e in self.exercises])
+        if self.manual:
+            data.update(manual=[asdict(m) for m in self.manual], manual_max_score=self.manual_max_score)
+        return data
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -286,6 +420,7 @@ class Key:
     withheld: tuple
     blocks: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)  # exercise id -> {withheld function: its public source}
+    manual: dict = field(default_factory=dict)  # free-text answer id -> (points, the official cell's text)
     _package: Path | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -339,6 +474,34 @@ def _read_notebook(source):
     if nb.get("nbformat") != 4:
         nb = nbformat.reads(json.dumps(data), as_version=4)
     return nb
+
+
+def manual_cells(nb) -> dict[str, tuple[int, float]]:
+    """``{id: (cell index, points)}`` of the free-text answers: markdown cells with a ``manual(...)`` marker."""
+    found = {}
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown":
+            match = _MANUAL.search(cell.source)
+            if match and match.group(1) not in found:
+                found[match.group(1)] = (i, float(match.group(2)))
+    return found
+
+
+def _manual_items(nb, key: "Key") -> list:
+    """The free-text answers of a submission: the text the student wrote in each manual cell."""
+    found = {}
+    with contextlib.suppress(Exception):
+        found = manual_cells(nb)
+    items = []
+    for ex_id, (points, official) in key.manual.items():
+        scaffold = {line.strip() for line in official.splitlines()} | {MARKDOWN_STUB, BEGIN, END, ""}
+        text = ""
+        if ex_id in found:
+            lines = nb.cells[found[ex_id][0]].source.splitlines()
+            text = "\n".join(line for line in lines if line.strip() not in scaffold).strip()
+        items.append(ManualItem(ex_id, points, "pending manual grading" if text else "no answer",
+                                _short(text, ANSWER_TEXT_CHARS) if text else ""))
+    return items
 
 
 def _graded_by_id(nb) -> dict[str, list[int]]:
@@ -526,7 +689,7 @@ def load_key(against, solution=None, env: dict | None = None) -> Key:
         raise ValueError(f"the solution's graded cells ({sorted(solved_ids)}) are not the assignment's ({sorted(ids)})")
     for ex_id, indices in ids.items():
         for i, j in zip(indices, solved_ids[ex_id]):
-            if official.cells[i].source != solved.cells[j].source:
+            if official.cells[i].source != strip_hidden_tests(solved.cells[j].source):
                 raise ValueError(f"the graded cell of {ex_id!r} differs between the assignment and the solution")
     points = {}
     for cell in official.cells:
@@ -538,11 +701,17 @@ def load_key(against, solution=None, env: dict | None = None) -> Key:
     records = _run_solution(solved, name, env)
     references = {ex_id: [records.get(j, []) for j in solved_ids[ex_id]] for ex_id in ids}
     for ex_id, per_cell in references.items():
-        if not any(r["check"] in ("close", "shape", "tensor") for rs in per_cell for r in rs):
-            raise ValueError(f"the graded cell of {ex_id!r} compares no value (check_close, check_shape or "
-                             "check_tensor): a grade cannot rest on checks the student's kernel evaluates")
+        if not any(r["check"] in ("close", "shape", "tensor", "answer") for rs in per_cell for r in rs):
+            raise ValueError(f"the graded cell of {ex_id!r} compares no value (check_close, check_shape, "
+                             "check_tensor or check_answer): a grade cannot rest on checks the student's kernel "
+                             "evaluates")
+        for r in (r for rs in per_cell for r in rs if r["check"] == "answer"):
+            if "because" not in r:
+                raise ValueError(f"the question {ex_id!r} has no expect(...) in its hidden tests: its answer "
+                                 "and explanation are missing from the key")
     sources = {ex_id: {f: _public_source(f) for f in withheld_functions(cs)} for ex_id, cs in cells.items()}
-    return Key(name, points, cells, references, withheld, _exercise_blocks(solved), sources)
+    manual = {ex_id: (pts, official.cells[i].source) for ex_id, (i, pts) in manual_cells(official).items()}
+    return Key(name, points, cells, references, withheld, _exercise_blocks(solved), sources, manual)
 
 
 def _public_source(full: str) -> str:
@@ -963,7 +1132,10 @@ def _restore(nb, key: Key) -> tuple[set[int], dict[str, list[int]], list[str]]:
 def _judge(key: Key, ex_id: str, runs: list[_CellRun | None], status: str) -> Exercise:
     """Compare one exercise's values (from the kernel) with the key's references, in this process."""
     points = key.points[ex_id]
-    fail = lambda message: Exercise(ex_id, 0.0, points, False, _short(message))  # noqa: E731
+    answers = [r for rs in key.references[ex_id] for r in rs if r["check"] == "answer"]
+    kind = "question" if answers else "code"
+    explanation = _short(" ".join(r.get("because", "") for r in answers), 2 * MESSAGE_CHARS)
+    fail = lambda message: Exercise(ex_id, 0.0, points, False, _short(message), kind, explanation)  # noqa: E731
     for run, references in zip(runs, key.references[ex_id]):
         if run is None or not run.ran:
             return fail(status or "not run: the notebook stopped before this cell")
@@ -983,13 +1155,15 @@ def _judge(key: Key, ex_id: str, runs: list[_CellRun | None], status: str) -> Ex
             return fail(run.error)
         if len(run.answers) != len(references):
             return fail(f"the graded cell sent {len(run.answers)} values, {len(references)} expected")
-    return Exercise(ex_id, points, points, True, "")
+    return Exercise(ex_id, points, points, True, "", kind, explanation)
 
 
 def _decide(ref: dict, answer: dict) -> str | None:
     from . import grading
 
     kind = ref["check"]
+    if kind == "answer":
+        return _decide_answer(ref, answer)
     if kind in ("check", "source"):
         return None if answer.get("ok") is True else str(answer.get("message") or ref.get("message") or "a check failed")
     value = grading.decode_answer(answer.get("value"))
@@ -1003,9 +1177,27 @@ def _decide(ref: dict, answer: dict) -> str | None:
     return f"unknown check {kind!r}"
 
 
+def _decide_answer(ref: dict, answer: dict) -> str | None:
+    """An inline question: the student's answer (JSON) against the solution's, with the explanation."""
+    from . import grading
+
+    sent = answer.get("answer")
+    if not isinstance(sent, dict) or not isinstance(sent.get("type"), str):
+        return "the answer could not be read"
+    sent = {"type": sent["type"][:80], **({"value": sent["value"]} if isinstance(sent.get("value"), (str, int, float))
+                                          and not isinstance(sent.get("value"), bool) else {})}
+    if sent["type"] in ("str", "number") and "value" not in sent:
+        return "the answer could not be read"
+    return grading.answer_problem(sent, ref.get("expected"), ref.get("choices") or None, ref.get("tolerance", 0.0),
+                                  ref.get("because", ""), ref.get("what", "your answer"))
+
+
 def _failed_report(name: str, key: Key, why: str, seconds: float = 0.0) -> Report:
-    exercises = [Exercise(ex_id, 0.0, pts, False, _short(why)) for ex_id, pts in key.points.items()]
-    return Report(name, 0.0, sum(key.points.values()), exercises, seconds, log=why)
+    exercises = [Exercise(ex_id, 0.0, pts, False, _short(why),
+                          "question" if any(r["check"] == "answer" for rs in key.references[ex_id] for r in rs) else "code")
+                 for ex_id, pts in key.points.items()]
+    manual = [ManualItem(ex_id, pts, "no answer") for ex_id, (pts, _) in key.manual.items()]
+    return Report(name, 0.0, sum(key.points.values()), exercises, seconds, log=why, manual=manual)
 
 
 def _official_assignment(name: str) -> Path:
@@ -1068,6 +1260,7 @@ def _grade(raw: bytes, label: str, key: Key, cell_timeout: float, timeout: float
         print(NO_SANDBOX_WARNING, file=sys.stderr)
     try:
         nb = _read_notebook(raw)
+        manual = _manual_items(nb, key)
         graded, by_id, notes = _restore(nb, key)
     except Exception as err:  # unreadable JSON, not a notebook, malformed cells: still a report
         return _failed_report(label, key, f"could not read the notebook: {_short(err, 200)}",
@@ -1116,7 +1309,7 @@ def _grade(raw: bytes, label: str, key: Key, cell_timeout: float, timeout: float
     if notes:
         text = (text + "\n" + "\n".join(notes))[-LOG_BYTES:]
     return Report(label, sum(e.points for e in exercises), sum(e.max_points for e in exercises), exercises,
-                  time.perf_counter() - start, text)
+                  time.perf_counter() - start, text, manual)
 
 
 def _kill_uid(uid: int) -> None:
@@ -1254,10 +1447,17 @@ def format_report(report: Report) -> str:
     width = max([len("exercise"), *(len(e.id) for e in report.exercises)]) + 2
     lines = [f"{report.notebook}  ({report.seconds:.1f} s)",
              f"{'exercise':{width}s}{'points':>10s}  passed  message"]
+    width = max([width, *(len(m.id) + 2 for m in report.manual)])
     for e in report.exercises:
         lines.append(f"{e.id:{width}s}{f'{e.points:g}/{e.max_points:g}':>10s}  {'yes' if e.passed else 'no':6s}  "
                      f"{e.message}")
+        if e.kind == "question" and e.explanation and e.explanation[:60] not in e.message:
+            lines.append(f"{'':{width}s}{'':10s}          why: {e.explanation}")
     lines.append(f"{'total':{width}s}{f'{report.score:g}/{report.max_score:g}':>10s}")
+    for m in report.manual:
+        lines.append(f"{m.id:{width}s}{f'?/{m.max_points:g}':>10s}  {'-':6s}  {m.status} (free text, graded by hand)")
+    if report.manual:
+        lines.append(f"{'by hand':{width}s}{f'?/{report.manual_max_score:g}':>10s}  (not in the total above)")
     return "\n".join(lines)
 
 
@@ -1268,18 +1468,28 @@ def _cell(value) -> str:
 
 
 def reports_to_csv(reports: dict[str, Report]) -> str:
-    """One row per student: student, notebook, points per exercise, score, max_score."""
+    """One row per student: student, notebook, points per exercise, score, max_score.
+
+    When some report has free-text answers (graded by hand), they follow, counted apart: a column per
+    answer (``<id> (manual)``: its status, ``pending`` or ``no answer``) and ``manual_max_score``.
+    """
     ids: list[str] = []
+    manual_ids: list[str] = []
     for report in reports.values():
         ids += [e.id for e in report.exercises if e.id not in ids]
+        manual_ids += [m.id for m in report.manual if m.id not in manual_ids]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([_cell(c) for c in ["student", "notebook", *ids, "score", "max_score"]])
+    extra = [f"{i} (manual)" for i in manual_ids] + (["manual_max_score"] if manual_ids else [])
+    writer.writerow([_cell(c) for c in ["student", "notebook", *ids, "score", "max_score", *extra]])
     for student, report in reports.items():
         points = {e.id: e.points for e in report.exercises}
-        writer.writerow([_cell(student), _cell(report.notebook),
-                         *(f"{points[i]:g}" if i in points else "" for i in ids),
-                         f"{report.score:g}", f"{report.max_score:g}"])
+        status = {m.id: ("pending" if m.status.startswith("pending") else m.status) for m in report.manual}
+        row = [_cell(student), _cell(report.notebook), *(f"{points[i]:g}" if i in points else "" for i in ids),
+               f"{report.score:g}", f"{report.max_score:g}"]
+        if manual_ids:
+            row += [status.get(i, "") for i in manual_ids] + [f"{report.manual_max_score:g}"]
+        writer.writerow(row)
     return buffer.getvalue()
 
 

@@ -19,7 +19,12 @@ The same helpers work in three places (see ``lecturekit.grader`` for the whole s
 The instructor's side (the assignment generator and the grader) is ``lecturekit.grader``; its names
 are still reachable here (``lk.grading.grade``) with a DeprecationWarning.
 
-Notebooks: assignments/01_which_pixels_matter, assignments/02_synthesizing_images
+Inline questions: an answer cell sets ``answer_x = "b"`` (a choice) or a number; its graded cell hands it
+over with ``check_answer``, and the right answer, with why, is the solution's hidden test
+(``expect``), which ``lecturekit assignments`` removes from the student's notebook (as nbgrader does).
+
+Notebooks: assignments/00_what_the_network_learned, assignments/01_which_pixels_matter,
+assignments/02_synthesizing_images, assignments/03_style, assignments/04_adversarial
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import re
 import warnings
 
 __all__ = ["exercise", "check", "check_tensor", "check_shape", "check_close", "check_source",
-           "Withheld", "WithheldError"]
+           "check_answer", "expect", "Withheld", "WithheldError"]
 
 MIME = "application/vnd.lecturekit.answer+json"  # the display type that carries a graded cell's answers
 ANSWER_BYTES = 32 * 2**20  # the largest tensor a graded cell may hand to the grader
@@ -406,6 +411,104 @@ def check_close(value, reference, what: str = "your result", rtol: float = 1e-3,
             raise reference._error()
         _fail(close_problem(value, reference, what, rtol, atol, scale_free))
     return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inline questions: a choice or a number, graded by the grader; the right answer lives in hidden tests
+# ---------------------------------------------------------------------------------------------------
+
+ANSWER_CHARS = 200  # the longest answer a graded cell sends
+
+
+def plain_answer(value) -> dict:
+    """A student's answer to an inline question as JSON: ``{"type": "str"|"number"|"none", "value"}``."""
+    if value is None:
+        return {"type": "none"}
+    if isinstance(value, str):
+        return {"type": "str", "value": value[:ANSWER_CHARS]}
+    if isinstance(value, bool):
+        return {"type": "bool"}
+    try:  # int, float, numpy or torch scalars
+        import math
+        import numbers
+
+        number = float(value) if isinstance(value, numbers.Number) or hasattr(value, "__float__") else None
+        if number is not None and math.isfinite(number) and not isinstance(value, Withheld):
+            return {"type": "number", "value": number}
+    except Exception:
+        pass
+    return {"type": type(value).__name__[:80]}
+
+
+def _normalise(answer):
+    return answer.strip().lower() if isinstance(answer, str) else answer
+
+
+def answer_problem(answer: dict, expected=None, choices=None, tolerance: float = 0.0, because: str = "",
+                   what: str = "your answer") -> str | None:
+    """What is wrong with a student's answer (``plain_answer``'s JSON), or None.
+
+    Without ``expected`` only the form is judged: an answer was given, and it is one of ``choices``.
+    A wrong answer's message ends with ``because`` (the instructor's explanation).
+    """
+    kind, value = answer.get("type"), answer.get("value")
+    if kind == "none":
+        return f"{what}: no answer given yet (set the variable in the answer cell above)"
+    if choices:
+        options = [_normalise(c) for c in choices]
+        if kind != "str" or _normalise(value) not in options:
+            got = repr(value) if kind in ("str", "number") else f"a {kind}"
+            return f"{what}: expected one of {', '.join(repr(c) for c in choices)}, got {got}"
+    elif kind != "number" and isinstance(expected, (int, float)):
+        return f"{what}: expected a number, got a {kind}"
+    if expected is None:
+        return None
+    if isinstance(expected, str):
+        right = kind == "str" and _normalise(value) == _normalise(expected)
+    else:
+        # float32 rounding (an answer computed as a tensor) is not a wrong answer
+        right = kind == "number" and abs(float(value) - float(expected)) <= float(tolerance) + 1e-6 * max(1.0, abs(float(expected)))
+    if right:
+        return None
+    return f"{what}: {value!r} is not the right answer." + (f" {because}" if because else "")
+
+
+def check_answer(value, what: str = "your answer", choices=None) -> None:
+    """Hand the answer to an inline question (a choice among ``choices``, or a number) to the grader.
+
+    In a student's notebook this checks the form only (an answer was given, one of the choices): the
+    right answer is not in the assignment. The grader compares the value with the instructor's
+    (recorded from the solution, where ``expect`` in the cell's hidden tests gives the explanation
+    a report shows); nbgrader restores those hidden tests and runs ``expect`` itself.
+    """
+    choices = tuple(str(c) for c in choices) if choices else None
+    record = {"check": "answer", "what": what, "answer": plain_answer(value), "choices": list(choices or ())}
+    if _mode() == "reference":
+        record["expected"] = record["answer"].get("value")
+    if _record(record):
+        _fail(answer_problem(record["answer"], None, choices, what=what))
+
+
+def expect(value, answer, because: str, tolerance: float = 0.0, what: str = "your answer") -> None:
+    """The right answer to an inline question and why: the hidden test of a question's graded cell.
+
+    ``lecturekit assignments`` (like nbgrader) removes hidden tests from the student's notebook. In
+    the grader's run of the solution it adds ``answer``, ``tolerance`` and ``because`` to the cell's
+    last ``check_answer``; in a notebook run by nbgrader's autograde (or the instructor) it raises
+    ``AssertionError`` with the explanation when ``value`` is wrong.
+    """
+    if not isinstance(because, str) or not because.strip():
+        raise ValueError(f"expected an explanation (because=) for the answer {answer!r}, got {because!r}")
+    mode = _mode()
+    if mode == "answers":
+        return  # a graded kernel never sees hidden tests; the grader decides
+    if mode == "reference":
+        records = [r for r in _recorder.get() if r.get("check") == "answer"]
+        if not records:
+            raise ValueError("expect() needs a check_answer() before it in the same graded cell")
+        records[-1].update(expected=answer, tolerance=float(tolerance), because=because)
+        what = records[-1]["what"]
+    _fail(answer_problem(plain_answer(value), answer, None, tolerance, because, what))
 
 
 _MOVED_TO_GRADER = ("make_assignment", "assignment_text", "write_assignments", "solution_blocks", "graded_cells",

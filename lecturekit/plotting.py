@@ -263,5 +263,48 @@ def install_figure_check(shell=None) -> bool:
     shell._lecturekit_figure_check = True
     return True
 
+# --- Helpers the lecture notebooks used to define for themselves (issue 9): signed RGB maps and boxes ---
 
-install_figure_check()
+__all__ += ["signed_image", "draw_box"]
+
+
+def signed_image(g, scale: float | None = None) -> np.ndarray:
+    """A signed map (3, H, W) as an RGB picture (H, W, 3) in [0, 1]: grey is 0, brighter is positive.
+
+    Each channel becomes ``0.5 + g / (2 * scale)``, so ``+scale`` maps to 1 and ``-scale`` to 0.
+    ``scale``: the magnitude shown at full brightness; None uses the map's own ``max |g|`` (shapes
+    only: two maps drawn this way cannot be compared in magnitude, pass one common ``scale`` for that).
+    The gradient pictures of Springenberg et al. 2015 and Zeiler and Fergus 2014 are drawn this way.
+    Notebook: 05_guided_backprop
+    """
+    a = g.detach().float().cpu().numpy() if isinstance(g, torch.Tensor) else np.asarray(g, dtype=float)
+    if a.ndim != 3 or a.shape[0] != 3:
+        raise ValueError(f"expected a signed map of shape (3, H, W), got shape {tuple(a.shape)}")
+    if scale is None:
+        scale = float(np.abs(a).max())
+    elif not scale > 0:
+        raise ValueError(f"expected scale to be a number > 0, got {scale}")
+    picture = 0.5 + a / (2 * max(scale, 1e-12))  # (3, H, W): 0 -> grey
+    return np.clip(picture, 0, 1).transpose(1, 2, 0)  # (H, W, 3)
+
+
+def draw_box(ax, box, color: str = "white", lw: float = 1.5, **kwargs):
+    """Draw ``box = (x0, y0, x1, y1)`` on an image axis: pixels x0..x1-1 and y0..y1-1 (end exclusive).
+
+    The convention of ShapesWorld's ``boxes`` and of ``ReceptiveField.box``; the rectangle's edges
+    lie on the pixels' outer borders (pixel centres are at integers in ``imshow``). Extra keywords go
+    to ``matplotlib.patches.Rectangle`` (``ls="--"``, ``label=...``). Returns the patch.
+    Notebook: 03_activations
+    """
+    from matplotlib.patches import Rectangle
+
+    if len(box) != 4:
+        raise ValueError(f"expected a box (x0, y0, x1, y1), got {box!r}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if x1 < x0 or y1 < y0:
+        raise ValueError(f"expected x0 <= x1 and y0 <= y1 in the box (x0, y0, x1, y1), got {box!r}")
+    return ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color=color, lw=lw,
+                                  **kwargs))
+
+
+install_figure_check()  # in a Jupyter kernel: the stand-in check of every figure

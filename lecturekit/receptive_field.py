@@ -51,6 +51,10 @@ class ReceptiveField:
         """Centre of unit (0, 0)'s region, in pixel coordinates (pixel i spans [i - 0.5, i + 0.5])."""
         return self.start + (self.size - 1) / 2
 
+    def as_tensor(self) -> torch.Tensor:
+        """(size, jump, start) as a float tensor (3,): what assignment 0's graded cell compares with."""
+        return torch.tensor([self.size, self.jump, self.start], dtype=torch.float32)
+
     def box(self, y: int, x: int, height: int | None = None, width: int | None = None) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1) of unit (y, x)'s region, x1/y1 exclusive; clipped to the image when its size is given."""
         x0, y0 = self.start + x * self.jump, self.start + y * self.jump

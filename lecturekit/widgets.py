@@ -113,6 +113,8 @@ def feature_explorer(model: nn.Module, x: torch.Tensor, layers: list[Layer] | No
     holds (layer, channel, index) and ``box.state["view"]`` the last FeatureView, for tests and live-coding.
     Notebook: 03_activations
     """
+    import math
+
     import ipywidgets as widgets
     from torch import nn
 
@@ -143,7 +145,9 @@ def feature_explorer(model: nn.Module, x: torch.Tensor, layers: list[Layer] | No
     def redraw(_change=None):
         view = _features.feature_view(model, x, layer_box.value, channel_slider.value,
                                       index=index_slider.value, k=k, batch_size=batch_size)
-        fig = mark_standin(_features.show_feature_view(view), model)
+        columns = max(1, math.ceil(math.sqrt(2 * len(view.maps))))  # 32 maps: 8 x 4, 128: 16 x 8
+        # a block about twice as wide as high, the shape of the maps' panel, not a thin strip
+        fig = mark_standin(_features.show_feature_view(view, ncols=columns), model)
         picture.value = static.set_png(fig, model)
         state["view"] = view
 

@@ -31,6 +31,7 @@ ASSIGNMENTS = ROOT / "assignments"
 A1, A2 = "01_which_pixels_matter.ipynb", "02_synthesizing_images.ipynb"
 A3 = "03_style.ipynb"
 A4 = "04_adversarial.ipynb"
+A0 = "00_what_the_network_learned.ipynb"
 # Assignments whose solutions call the student's earlier functions (style_loss calls gram): a wrong
 # answer is graded in the whole notebook, not in its exercise alone.
 BUILDS_ON_EARLIER_EXERCISES = {A3}
@@ -138,8 +139,8 @@ def test_unbalanced_markers_raise(source, error):
 
 def test_committed_assignments_are_what_the_command_generates():
     solutions = sorted(SOLUTIONS.glob("*.ipynb"))
-    assert [p.name for p in solutions] == [A1, A2, A3, A4]
-    assert sorted(p.name for p in ASSIGNMENTS.glob("*.ipynb")) == [A1, A2, A3, A4]
+    assert [p.name for p in solutions] == [A0, A1, A2, A3, A4]
+    assert sorted(p.name for p in ASSIGNMENTS.glob("*.ipynb")) == [A0, A1, A2, A3, A4]
     stale = grader.write_assignments(SOLUTIONS, ASSIGNMENTS, check_only=True)
     assert not stale, f"assignments/ is out of date: run `lecturekit assignments` ({stale})"
 
@@ -161,6 +162,64 @@ def test_no_solution_text_leaks_into_assignments():
         stubs = sum(student.count(stub) - solution.read_text(encoding="utf-8").count(stub)
                     for stub in ("raise NotImplementedError()", grading.MARKDOWN_STUB))  # code and answer blocks
         assert stubs == len(blocks)
+        # the answers to inline questions (hidden tests) stay in solutions/ too
+        hidden = grader.hidden_blocks(nb)
+        assert grader.HIDDEN_BEGIN not in student and grader.HIDDEN_END not in student
+        for block in hidden:
+            assert "lk.grading.expect(" in block
+            for line in block.splitlines():
+                assert len(line.strip()) < 12 or json.dumps(line.strip())[1:-1] not in student, \
+                    f"{solution.name} leaks its hidden test {line!r}"
+
+
+def test_every_assignment_has_inline_questions_graded_and_by_hand():
+    for solution in sorted(SOLUTIONS.glob("*.ipynb")):
+        nb = nbformat.read(solution, as_version=4)
+        assert grader.hidden_blocks(nb), f"{solution.name}: no automatically graded inline question"
+        assert grader.manual_cells(nb), f"{solution.name}: no free-text inline question"
+
+
+# ---- inline questions: the helpers (no grader run) -------------------------------------------------------
+
+def test_answer_problem_judges_choices_and_numbers_and_explains():
+    def plain(v):
+        return grading.plain_answer(v)
+
+    assert grading.answer_problem(plain("B "), "b", ("a", "b")) is None  # case and spaces do not matter
+    wrong = grading.answer_problem(plain("a"), "b", ("a", "b"), because="Because of X.", what="question 1")
+    assert wrong == "question 1: 'a' is not the right answer. Because of X."
+    assert "expected one of 'a', 'b', got 'z'" in grading.answer_problem(plain("z"), "b", ("a", "b"))
+    assert "no answer given" in grading.answer_problem(plain(None), "b", ("a", "b"))
+    assert grading.answer_problem(plain(0.395), 0.39, tolerance=0.02) is None
+    assert grading.answer_problem(plain(torch.tensor(0.39)), 0.39) is None  # a tensor scalar is a number
+    assert "not the right answer" in grading.answer_problem(plain(0.625), 0.39, tolerance=0.02)
+    assert "expected a number, got a str" in grading.answer_problem(plain("0.39"), 0.39, tolerance=0.02)
+    assert grading.plain_answer(True) == {"type": "bool"} and grading.plain_answer([1]) == {"type": "list"}
+
+
+def test_check_answer_checks_the_form_and_expect_the_answer_in_a_students_notebook():
+    grading.exercise("q", points=1)
+    grading.check_answer("b", choices=("a", "b"), what="question 1")  # the right answer is not known here
+    with pytest.raises(AssertionError, match=r"^\[q\] question 1: no answer given"):
+        grading.check_answer(None, choices=("a", "b"), what="question 1")
+    with pytest.raises(AssertionError, match="expected one of 'a', 'b', got 'c'"):
+        grading.check_answer("c", choices=("a", "b"))
+    grading.expect("b", "b", because="Why.")  # what nbgrader's autograde runs (hidden tests)
+    with pytest.raises(AssertionError, match=r"'a' is not the right answer. Why\."):
+        grading.expect("a", "b", because="Why.")
+    with pytest.raises(ValueError, match="explanation"):
+        grading.expect("a", "b", because="")
+
+
+def test_make_assignment_removes_hidden_tests():
+    nb = _notebook("answer = None\n### BEGIN SOLUTION\nanswer = 'b'\n### END SOLUTION",
+                   "lk.grading.exercise('q', points=1)\nlk.grading.check_answer(answer)\n### BEGIN HIDDEN TESTS\n"
+                   "lk.grading.expect(answer, 'b', because='Why.')\n### END HIDDEN TESTS\nprint('done')")
+    out = grader.make_assignment(nb)
+    assert out.cells[1].source == "lk.grading.exercise('q', points=1)\nlk.grading.check_answer(answer)\nprint('done')"
+    assert grader.hidden_blocks(nb) == ["lk.grading.expect(answer, 'b', because='Why.')"]
+    with pytest.raises(ValueError, match="never closed"):
+        grader.make_assignment(_notebook("### BEGIN HIDDEN TESTS\nx = 1"))
 
 
 # ---- the grader on small synthetic assignments --------------------------------------------------------
@@ -419,7 +478,101 @@ WRONG = {
     "fooling_without_stopping_rule": (A4, "fooling_loop", "if log_p.item() >= math.log(threshold):", "if False:"),
     "patch_rows_and_columns_swapped": (A4, "paste_patch", "out[:, :, top:top + s, left:left + s] = patch",
                                        "out[:, :, left:left + s, top:top + s] = patch"),
+    # Assignment 0 (issue 13): what the network learned
+    "receptive_field_jump_updated_first": (A0, "receptive_field", "r, j, a = r + (k - 1) * j, j * s, a - p * j",
+                                           "j = j * s\n        r, a = r + (k - 1) * j, a - p * j"),
+    "receptive_field_padding_added": (A0, "receptive_field", "a - p * j", "a + p * j"),
+    "receptive_field_start_without_jump": (A0, "receptive_field", "a - p * j", "a - p"),
+    "nearest_neighbours_farthest_first": (A0, "nearest_neighbours", "largest=False).indices  # (M, k)",
+                                          "largest=True).indices  # (M, k)"),
+    "nearest_neighbours_by_cosine": (A0, "nearest_neighbours", "d = torch.cdist(query.double(), bank.double())",
+                                     "d = -F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T"),
+    "agreement_counts_the_point_itself": (A0, "neighbour_agreement", 'd.fill_diagonal_(float("inf"))', "pass"),
+    "agreement_any_neighbour_matches": (A0, "neighbour_agreement", "(labels[idx] == labels[:, None]).float()",
+                                        "(labels[idx] == labels[:, None]).any(1).float()"),
+    "pca_not_centred": (A0, "pca", "Xc = X - X.mean(0, keepdim=True)", "Xc = X"),
+    "pca_without_singular_values": (A0, "pca", "return (Xc @ Vh[:n_components].T).float()",
+                                    "return U[:, :n_components].float()"),
+    "top_patches_rows_and_columns_swapped": (A0, "top_patches", "row, col = divmod(int(where[n]), w)",
+                                             "col, row = divmod(int(where[n]), w)"),
+    "top_patches_weakest_first": (A0, "top_patches", "torch.sort(v, descending=True, stable=True)",
+                                  "torch.sort(v, descending=False, stable=True)"),
+    "top_patches_field_without_start": (A0, "top_patches", "top, left = start + row * jump + P, start + col * jump + P",
+                                        "top, left = row * jump + P, col * jump + P"),
+    # Inline questions (issue 13): a wrong choice or number scores zero, with the explanation
+    "question_pixel_space_groups_classes": (A0, "q_which_space", 'answer_space = "b"', 'answer_space = "a"'),
+    "question_field_side_not_area": (A0, "q_field_fraction", "answer_fraction = 0.39", "answer_fraction = 0.625"),
+    "question_saliency_survives_randomisation": (A1, "q_randomised_layers", 'answer_randomised = "b"',
+                                                 'answer_randomised = "a"'),
+    "question_large_patch_is_sharper": (A1, "q_large_patch", 'answer_patch = "b"', 'answer_patch = "a"'),
+    "question_no_prior_gives_natural_images": (A2, "q_no_regulariser", 'answer_regulariser = "b"',
+                                               'answer_regulariser = "a"'),
+    "question_gram_discards_colour": (A3, "q_gram_discards", 'answer_gram = "b"', 'answer_gram = "a"'),
+    "question_fgsm_budget_in_grey_levels": (A4, "q_fgsm_budget", "answer_budget = 0.0314", "answer_budget = 8"),
+    "question_adversarial_by_memorising": (A4, "q_why_small_works", 'answer_linear = "b"', 'answer_linear = "a"'),
+    "question_pixel_and_feature_space_alike": (A0, "q_which_space", 'answer_space = "b"', 'answer_space = "c"'),
+    "question_field_in_pixels": (A0, "q_field_fraction", "answer_fraction = 0.39", "answer_fraction = 1600"),
+    "question_gradcam_survives_randomisation": (A1, "q_randomised_layers", 'answer_randomised = "b"',
+                                                'answer_randomised = "c"'),
+    "question_large_patch_changes_nothing": (A1, "q_large_patch", 'answer_patch = "b"', 'answer_patch = "c"'),
+    "question_no_prior_gives_grey": (A2, "q_no_regulariser", 'answer_regulariser = "b"', 'answer_regulariser = "c"'),
+    "question_gram_discards_correlations": (A3, "q_gram_discards", 'answer_gram = "b"', 'answer_gram = "c"'),
+    "question_fgsm_budget_twice_eps": (A4, "q_fgsm_budget", "answer_budget = 0.0314", "answer_budget = 0.0627"),
+    "question_adversarial_from_the_clamp": (A4, "q_why_small_works", 'answer_linear = "b"', 'answer_linear = "c"'),
 }
+
+
+def test_every_new_exercise_has_at_least_two_known_wrong_answers():
+    new = [A0]  # issue 13: assignment 0, and the inline questions of every assignment
+    counts: dict[tuple[str, str], int] = {}
+    for notebook, exercise, _, _ in WRONG.values():
+        counts[notebook, exercise] = counts.get((notebook, exercise), 0) + 1
+    for notebook in (A0, A1, A2, A3, A4):
+        nb = nbformat.read(SOLUTIONS / notebook, as_version=4)
+        for exercise, _ in grader.graded_cells(nb).values():
+            if notebook in new or exercise.startswith("q_"):
+                assert counts.get((notebook, exercise), 0) >= 2, (notebook, exercise)
+
+
+def test_readme_practice_table_names_graded_exercises_and_covers_eleven_parts():
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text.split("### Practice: what the assignments grade, part by part")[1].split("\n\n|")[1].split("\n\n")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in ("|" + table).splitlines()[2:]]
+    graded = {p.name[:2]: {ex for ex, _ in grader.graded_cells(nbformat.read(p, as_version=4)).values()}
+              for p in SOLUTIONS.glob("*.ipynb")}
+    covered = []
+    for part, _, exercises in rows:
+        match = re.match(r"(\d\d): (.*)", exercises)
+        if match is None:
+            assert exercises == "not graded", part
+            continue
+        ids = re.findall(r"`([\w\-]+)`", match.group(2))
+        assert ids and set(ids) <= graded[match.group(1)], (part, set(ids) - graded[match.group(1)])
+        covered.append(part)
+    assert len(rows) == 13 and len(covered) >= 11, covered
+    listed = {(nb, i) for _, _, e in rows for m in [re.match(r"(\d\d): (.*)", e)] if m
+              for i in re.findall(r"`([\w\-]+)`", m.group(2)) for nb in [m.group(1)]}
+    assert listed == {(nb, i) for nb, ids in graded.items() for i in ids}  # every graded exercise is in the table
+
+
+def test_nbgrader_metadata_comes_from_the_markers():
+    nb = _notebook("def f(x):\n    ### BEGIN SOLUTION\n    return x\n    ### END SOLUTION",
+                   "lk.grading.exercise('f', points=2)\nlk.grading.check_close(f(torch.ones(1)), torch.ones(1))",
+                   'md:<!-- lk.grading.manual("why", points=1) -->\n### BEGIN SOLUTION\nBecause.\n### END SOLUTION',
+                   "x = 1")
+    out = grader.nbgrader_metadata(nb)
+    meta = [c.metadata.get("nbgrader") for c in out.cells]
+    assert meta[0] == {"grade": False, "locked": False, "solution": True, "grade_id": "f_solution", "schema_version": 3}
+    assert meta[1] == {"grade": True, "locked": True, "solution": False, "grade_id": "f", "points": 2.0,
+                       "schema_version": 3}
+    assert meta[2] == {"grade": True, "locked": False, "solution": True, "grade_id": "why", "points": 1.0,
+                       "schema_version": 3}
+    assert meta[3] is None and "nbgrader" not in nb.cells[0].metadata  # nb itself is unchanged
+    with pytest.raises(ValueError, match="manual"):
+        grader.nbgrader_metadata(_notebook("md:Why?\n### BEGIN SOLUTION\nBecause.\n### END SOLUTION"))
+
 
 
 def _spans(nb) -> tuple[list[int], dict[str, list[int]]]:
@@ -476,7 +629,7 @@ def _wrong_notebook(notebook: str, names: list[str], folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def keys():
     """The answer keys of the real assignments, built once (each runs its solution in this process)."""
-    return {notebook: grader.load_key(ASSIGNMENTS / notebook) for notebook in (A1, A2, A3, A4)}
+    return {notebook: grader.load_key(ASSIGNMENTS / notebook) for notebook in (A0, A1, A2, A3, A4)}
 
 
 @pytest.fixture(scope="session")
@@ -487,10 +640,10 @@ def graded(tmp_path_factory, keys):
     Graded two at a time (each grader run uses one thread), once per session.
     """
     folder = tmp_path_factory.mktemp("wrong")
-    jobs = {f"solution/{p}": (SOLUTIONS / p, None) for p in (A1, A2, A3, A4)}
-    jobs.update({f"assignment/{p}": (ASSIGNMENTS / p, None) for p in (A1, A2, A3, A4)})
-    jobs.update({f"unsandboxed/solution/{p}": (SOLUTIONS / p, False) for p in (A1, A2, A3, A4)})
-    jobs.update({f"unsandboxed/assignment/{p}": (ASSIGNMENTS / p, False) for p in (A1, A2, A3, A4)})
+    jobs = {f"solution/{p}": (SOLUTIONS / p, None) for p in (A0, A1, A2, A3, A4)}
+    jobs.update({f"assignment/{p}": (ASSIGNMENTS / p, None) for p in (A0, A1, A2, A3, A4)})
+    jobs.update({f"unsandboxed/solution/{p}": (SOLUTIONS / p, False) for p in (A0, A1, A2, A3, A4)})
+    jobs.update({f"unsandboxed/assignment/{p}": (ASSIGNMENTS / p, False) for p in (A0, A1, A2, A3, A4)})
     for notebook, names in _rounds():
         path = _wrong_notebook(notebook, names, folder)
         for name in names:
@@ -498,7 +651,7 @@ def graded(tmp_path_factory, keys):
 
     def run(job):
         path, sandbox = job
-        key = keys[{"01": A1, "02": A2, "03": A3, "04": A4}[path.name[:2]]]
+        key = keys[{"00": A0, "01": A1, "02": A2, "03": A3, "04": A4}[path.name[:2]]]
         return grader.grade(path, against=key, cell_timeout=60, timeout=240, sandbox=sandbox)
 
     unique = sorted(set(jobs.values()), key=str)
@@ -517,33 +670,40 @@ def test_catalogue_has_at_least_twelve_wrong_answers_and_each_changes_its_soluti
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2, A3, A4])
+@pytest.mark.parametrize("notebook", [A0, A1, A2, A3, A4])
 def test_solutions_score_full_marks(graded, notebook):
     report = graded[f"solution/{notebook}"]
     failed = {e.id: e.message for e in report.exercises if not e.passed}
     assert not failed, report.log[-3000:]
-    assert report.score == report.max_score == 10
-    assert len(report.exercises) >= 4
+    assert report.score == report.max_score
+    assert sum(e.max_points for e in report.exercises if e.kind == "code") == 10  # and the questions' points
+    assert len(report.exercises) >= 4 and any(e.kind == "question" for e in report.exercises)
+    assert report.manual and all(m.status == "pending manual grading" and m.answer for m in report.manual)
+    assert all(grader.BEGIN not in m.answer for m in report.manual)
     print(f"{notebook}: graded in {report.seconds:.1f} s (the key was built once, before)")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2, A3, A4])
+@pytest.mark.parametrize("notebook", [A0, A1, A2, A3, A4])
 def test_untouched_assignments_score_zero_on_every_exercise(graded, notebook):
     report = graded[f"assignment/{notebook}"]
     solution = graded[f"solution/{notebook}"]
     assert [e.id for e in report.exercises] == [e.id for e in solution.exercises]
     assert report.score == 0 and report.max_score == solution.max_score
-    for e in report.exercises:
-        assert not e.passed and e.points == 0 and "NotImplementedError" in e.message, e
+    for e in report.exercises:  # every auto-graded item: the code exercises and the inline questions
+        assert not e.passed and e.points == 0, e
+        assert ("no answer given" if e.kind == "question" else "NotImplementedError") in e.message, e
+    assert report.manual and all(m.status == "no answer" and not m.answer for m in report.manual)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("notebook", [A1, A2, A3, A4])
+@pytest.mark.parametrize("notebook", [A0, A1, A2, A3, A4])
 def test_without_a_sandbox_solutions_still_score_full_marks_and_assignments_zero(graded, notebook):
-    assert graded[f"unsandboxed/solution/{notebook}"].score == 10
+    solution = graded[f"unsandboxed/solution/{notebook}"]
+    assert solution.score == solution.max_score >= 10
     assignment = graded[f"unsandboxed/assignment/{notebook}"]
-    assert assignment.score == 0 and all("NotImplementedError" in e.message for e in assignment.exercises)
+    assert assignment.score == 0 and all("NotImplementedError" in e.message for e in assignment.exercises
+                                         if e.kind == "code")
 
 
 def test_withheld_functions_are_the_references_and_forbidden_names(keys):
@@ -567,7 +727,28 @@ def test_known_wrong_answer_loses_its_points(graded, name):
     assert report.score <= report.max_score - wrong.max_points
     # The graded cell caught it with an explanation (not a crash of the check itself).
     assert wrong.message.startswith("AssertionError: [" + exercise + "]"), wrong.message
+    if wrong.kind == "question":  # a wrong choice or number: the report says why the answer is another
+        assert "is not the right answer" in wrong.message and wrong.explanation
+        assert wrong.explanation[:80] in wrong.message
     print(f"{name}: {wrong.message}")
+
+
+@pytest.mark.slow
+def test_reports_count_free_text_answers_apart_in_json_and_csv(graded):
+    solution, assignment = graded[f"solution/{A0}"], graded[f"assignment/{A0}"]
+    data = solution.to_json()
+    assert data["score"] == data["max_score"] == sum(e["max_points"] for e in data["exercises"])  # auto only
+    assert data["manual_max_score"] == 1.0 and [m["id"] for m in data["manual"]] == ["why_pixel_neighbours"]
+    assert data["manual"][0]["status"] == "pending manual grading" and "Pixel distance" in data["manual"][0]["answer"]
+    question = next(e for e in data["exercises"] if e["id"] == "q_which_space")
+    assert question["kind"] == "question" and question["passed"] and "trained to separate" in question["explanation"]
+    assert "kind" not in data["exercises"][0]  # code exercises keep the DESIGN.md format
+    rows = grader.reports_to_csv({"alice": solution, "bob": assignment}).splitlines()
+    assert rows[0].endswith("score,max_score,why_pixel_neighbours (manual),manual_max_score")
+    assert rows[1].endswith(f"{solution.max_score:g},{solution.max_score:g},pending,1")
+    assert rows[2].endswith(f"0,{solution.max_score:g},no answer,1")
+    table = grader.format_report(solution)
+    assert "why_pixel_neighbours" in table and "not in the total above" in table
 
 
 

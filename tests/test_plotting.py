@@ -40,3 +40,37 @@ def test_figures_have_the_right_panels():
     fig4 = plotting.show_grid(torch.randn(6, 3, 5, 5))
     assert fig4.axes[0].images
     plt.close("all")
+
+
+def test_signed_image_by_hand():
+    g = torch.zeros(3, 2, 2)
+    g[0, 0, 0], g[1, 1, 1] = 2.0, -1.0
+    picture = plotting.signed_image(g)
+    assert picture.shape == (2, 2, 3)
+    assert picture[0, 0, 0] == 1.0  # the largest |g| at full brightness
+    assert picture[1, 1, 1] == 0.25  # -1 of a scale 2: 0.5 - 1 / 4
+    assert picture[0, 1, 2] == 0.5  # zero is grey
+    common = plotting.signed_image(g, scale=4.0)  # a common scale keeps magnitudes comparable
+    assert common[0, 0, 0] == 0.75
+    assert np.all(plotting.signed_image(torch.zeros(3, 4, 4)) == 0.5)  # an all-zero map: grey, no NaN
+    assert np.all(plotting.signed_image(g.numpy(), scale=0.5) <= 1)  # clipped beyond the scale
+    with pytest.raises(ValueError, match=r"shape \(3, H, W\)"):
+        plotting.signed_image(torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="scale"):
+        plotting.signed_image(g, scale=0)
+
+
+def test_draw_box_covers_the_pixels_of_the_box():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.imshow(np.zeros((10, 10)))
+    rect = plotting.draw_box(ax, (2, 3, 6, 5), color="red", ls="--")
+    assert rect in ax.patches
+    assert rect.get_xy() == (1.5, 2.5) and rect.get_width() == 4 and rect.get_height() == 2
+    assert rect.get_linestyle() == "--" and not rect.get_fill()
+    with pytest.raises(ValueError, match="x0 <= x1"):
+        plotting.draw_box(ax, (5, 0, 2, 3))
+    with pytest.raises(ValueError, match="expected a box"):
+        plotting.draw_box(ax, (1, 2, 3))
+    plt.close(fig)

@@ -119,3 +119,21 @@ def test_prior_explorer_redraws_when_a_slider_moves(untrained, monkeypatch):
     box.sliders["l2_weight_on"].value = True
     assert calls[-1]["l2_weight"] == box.sliders["l2_weight"].value > 0
     assert 0 <= box.state["prob"] <= 1 and box.state["image"].shape == (1, 3, 64, 64)
+
+
+def test_explorer_lays_the_maps_out_as_a_block_not_a_strip(setup, monkeypatch):
+    model, images = setup
+    seen = []
+    real = features.show_feature_view
+
+    def spy(view, **kwargs):
+        fig = real(view, **kwargs)
+        grid = fig.axes[1].images[0].get_array()  # the activation maps' panel, (height, width, 3)
+        seen.append((len(view.maps), grid.shape[1] / grid.shape[0]))
+        return fig
+
+    monkeypatch.setattr(features, "show_feature_view", spy)
+    box = widgets.feature_explorer(model, images, layers=["features.0", "features.6"], k=2)
+    box.controls[0].value = "features.6"
+    assert [n for n, _ in seen] == [32, 64]
+    assert all(1 <= aspect <= 2.5 for _, aspect in seen), seen  # 16 columns of 32 maps made an 8:1 strip
