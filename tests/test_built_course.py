@@ -188,7 +188,7 @@ _UNMARKED = ("figures of stand-in ImageNet models without the stand-in mark (fou
              "2026-11-23; the notebooks' content is being fixed on the nb_a/nb_b branches)")
 KNOWN: dict[tuple[str, str], str] = {(name, "stand-in mark"): _UNMARKED for name in (
     "03_activations",  # the cat photo shown in the cell where SqueezeNet runs: mark it (model=) or move it
-    "05_guided_backprop", "08_gradient_ascent", "09_deepdream", "10_feature_inversion")}
+    "08_gradient_ascent", "09_deepdream", "10_feature_inversion")}
 
 
 @pytest.mark.slow
