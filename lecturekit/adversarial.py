@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Target, check_images, check_targets
-from .hooks import iterate_batches, model_device, preserved
+from .hooks import iterate_batches, model_device, preserved, progress_bar
 
 __all__ = ["fgsm", "pgd", "pgd_step", "project", "fooling_image", "FoolingResult", "deepfool_step", "deepfool",
            "universal_perturbation", "UniversalResult", "fooling_rate", "paste_patch", "random_positions",
@@ -197,9 +197,7 @@ def pgd(model: nn.Module, x: torch.Tensor, target: Target, eps: float, step_size
     out = []
     with preserved(model):
         target = _targets(model, x, target, targeted, labels, device)
-        from tqdm.auto import tqdm
-
-        for part in tqdm(list(iterate_batches(len(x), batch_size)), disable=not progress, desc="pgd", leave=False):
+        for part in progress_bar(list(iterate_batches(len(x), batch_size)), progress, desc="pgd"):
             x0 = x[part].detach().to(device)
             x_adv = _random_start(x0, eps, norm, gen) if random_start and eps > 0 else x0.clone()
             for _ in range(steps):
@@ -399,7 +397,6 @@ def universal_perturbation(model: nn.Module, x: torch.Tensor, eps: float, norm: 
         raise ValueError(f"expected delta (1 - the fooling rate to reach) in [0, 1), got {delta!r}")
     device = model_device(model, x.device)
     gen = torch.Generator().manual_seed(seed)
-    from tqdm.auto import tqdm
 
     with preserved(model):
         X = x.detach().to(device)
@@ -410,8 +407,8 @@ def universal_perturbation(model: nn.Module, x: torch.Tensor, eps: float, norm: 
             order = torch.randperm(len(X), generator=gen).to(device)
             if method == "sgd":
                 step_size = eps / 4 if epoch < max(1, epochs // 2) else eps / 10
-                for part in tqdm(list(iterate_batches(len(X), batch_size)), disable=not progress,
-                                 desc="universal perturbation", leave=False):
+                for part in progress_bar(list(iterate_batches(len(X), batch_size)), progress,
+                                         desc="universal perturbation"):
                     idx = order[part]
                     v = v.detach().requires_grad_(True)
                     logits = model((X[idx] + v).clamp(0, 1))  # (B, K)
@@ -419,7 +416,7 @@ def universal_perturbation(model: nn.Module, x: torch.Tensor, eps: float, norm: 
                     (g,) = torch.autograd.grad(loss, v)  # (1, 3, H, W)
                     v = project(v.detach() + step_size * _normalised_step(g, norm), eps, norm)
             else:
-                for i in tqdm(order.tolist(), disable=not progress, desc="universal perturbation", leave=False):
+                for i in progress_bar(order.tolist(), progress, desc="universal perturbation"):
                     xi = (X[i:i + 1] + v).clamp(0, 1)
                     with torch.no_grad():
                         if int(model(xi).argmax(1)) != int(labels[i]):
@@ -488,14 +485,12 @@ def adversarial_patch(model: nn.Module, x: torch.Tensor, target: Target, patch: 
         raise ValueError(f"expected a patch no larger than the images ({tuple(x.shape[-2:])}), got {patch}")
     device = model_device(model, x.device)
     gen = torch.Generator().manual_seed(seed)
-    from tqdm.auto import tqdm
-
     with preserved(model):
         target_t = _targets(model, x, int(target), False, None, device)
         p = torch.rand(3, patch, patch, generator=gen).to(device).requires_grad_(True)
         optimizer = torch.optim.Adam([p], lr=lr)
         history = []
-        for step in tqdm(range(steps), disable=not progress, desc="adversarial patch", leave=False):
+        for step in progress_bar(range(steps), progress, desc="adversarial patch"):
             idx = torch.randint(0, len(x), (batch_size,), generator=gen)
             where = random_positions(batch_size, x.shape[-2:], patch, gen)
             logits = model(paste_patch(x[idx].to(device), p, where))  # (B, K)
@@ -631,7 +626,6 @@ def evolve_fooling_images(model: nn.Module, encoding: str = "cppn", generations:
     rate = (0.2 if encoding == "cppn" else 0.05) if rate is None else rate
     device = model_device(model)
     gen = torch.Generator().manual_seed(seed)
-    from tqdm.auto import tqdm
 
     def render(genomes):
         return (cppn_render(genomes, size) if encoding == "cppn" else genomes).to(device)
@@ -653,7 +647,7 @@ def evolve_fooling_images(model: nn.Module, encoding: str = "cppn", generations:
         archive = _take(pool, src)
         log_threshold = math.log(threshold)
         history, generation = [], 0
-        for generation in tqdm(range(1, generations + 1), disable=not progress, desc=f"evolve ({encoding})", leave=False):
+        for generation in progress_bar(range(1, generations + 1), progress, desc=f"evolve ({encoding})"):
             parents = torch.arange(K).repeat_interleave(children)  # every elite gets `children` children
             kids = mutate(_take(archive, parents))
             logp = model(render(kids)).log_softmax(1).cpu()  # (K * children, K)

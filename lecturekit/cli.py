@@ -13,12 +13,10 @@
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 __all__ = ["main", "build_course", "find_root", "installed_course"]
@@ -48,62 +46,12 @@ def installed_course() -> Path | None:
     return None
 
 
-def _notebook_title(path: Path) -> str:
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            for line in cell.source.splitlines():
-                if line.startswith("#"):
-                    return line.lstrip("#").strip()
-    return path.stem
-
-
 def build_course(root: Path, out: Path, fast: bool = False, timeout: int = 1800,
-                 only: list[str] | None = None) -> list[dict]:
-    """Execute each notebook of ``root/notebooks`` (in order) into ``out/NAME.html``, plus ``out/index.html``.
+                 only: list[str] | None = None, **kwargs) -> list[dict]:
+    """Execute the notebooks into an offline HTML build with an index: see :func:`lecturekit.course.build_course`."""
+    from .course import build_course as build
 
-    ImageNet cells use the real weights when they are cached or downloadable, stand-ins otherwise
-    (``LECTUREKIT_STANDIN=auto`` unless already set). Returns one dict per notebook with its status.
-    """
-    import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
-    from nbconvert import HTMLExporter
-
-    notebooks = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    if only:
-        notebooks = [p for p in notebooks if any(p.name.startswith(o) for o in only)]
-    out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("LECTUREKIT_STANDIN", "auto")
-    if fast:
-        os.environ["LECTUREKIT_FAST"] = "1"
-    exporter = HTMLExporter()
-    results = []
-    for path in notebooks:
-        nb = nbformat.read(path, as_version=4)
-        start = time.perf_counter()
-        status = "ok"
-        try:
-            NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                           resources={"metadata": {"path": str(path.parent)}}).execute()
-        except CellExecutionError as err:
-            status = "failed: " + str(err).strip().splitlines()[-1][:200]
-        seconds = time.perf_counter() - start
-        body, _ = exporter.from_notebook_node(nb)
-        (out / f"{path.stem}.html").write_text(body, encoding="utf-8")
-        results.append(dict(name=path.stem, title=_notebook_title(path), status=status, seconds=seconds))
-        print(f"{path.name:45s} {status:10s} {seconds:6.1f} s", flush=True)
-    rows = "\n".join(
-        f'<li><a href="{html.escape(r["name"])}.html">{html.escape(r["title"])}</a>'
-        f' <small>({r["status"]}, {r["seconds"]:.0f} s)</small></li>' for r in results)
-    (out / "index.html").write_text(
-        "<!doctype html><meta charset='utf-8'><title>Visualizing and Understanding CNNs</title>"
-        "<style>body{font-family:sans-serif;max-width:50em;margin:2em auto}li{margin:.4em 0}</style>"
-        f"<h1>Visualizing and Understanding CNNs</h1><p>Executed notebooks of the course.</p><ol>{rows}</ol>",
-        encoding="utf-8")
-    return results
+    return build(root, out, fast=fast, timeout=timeout, only=only, **kwargs)
 
 
 def _cmd_course(args) -> int:
@@ -116,8 +64,11 @@ def _cmd_course(args) -> int:
             raise
         out = Path(args.out) if args.out else Path.cwd() / "build"
         print(f"no notebooks/ folder here: running the notebooks installed with lecturekit ({root})")
-    results = build_course(root, out, fast=args.fast, only=args.only or None)
-    print(f"open {out / 'index.html'}")
+    results = build_course(root, out, fast=args.fast, only=args.only or None, heartbeat=args.heartbeat)
+    problems = sum(len(r["problems"]) for r in results)
+    print(f"{sum(r['status'] == 'ok' for r in results)}/{len(results)} notebooks ran; "
+          f"{sum(r['standin'] for r in results)} used stand-in ImageNet weights; {problems} problem(s) listed "
+          f"in the index. Open {out / 'index.html'}")
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
@@ -275,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default: build/ in the course folder)")
     p.add_argument("--fast", action="store_true", help="LECTUREKIT_FAST=1: small iteration counts")
     p.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 04")
+    p.add_argument("--heartbeat", type=float, default=30.0, metavar="SECONDS",
+                   help="while a cell runs, print which one every SECONDS (default 30)")
     p.set_defaults(func=_cmd_course)
 
     p = sub.add_parser("train", help="reproduce the bundled course-model weights")

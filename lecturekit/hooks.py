@@ -263,13 +263,29 @@ def progress_bar(iterable: Iterable[T], progress: bool = True, total: int | None
     """``iterable`` with a tqdm.auto progress bar (contract 8), or unchanged with ``progress=False``.
 
     The one progress bar of the package: a notebook bar under Jupyter, a text bar elsewhere, removed
-    when the loop ends (``leave=False``). ``total`` for iterables without a length.
+    when the loop ends (``leave=False``). ``total`` for iterables without a length. A loop that stops
+    early (``break``: a target reached, a loss that diverged) ends its bar where it is, so that it
+    disappears too: tqdm would otherwise keep it on the page, unfinished and red.
     """
     if not progress:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, leave=False)
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    return _advance(iterable, tqdm(total=total, desc=desc, leave=False))
+
+
+def _advance(iterable: Iterable[T], bar) -> Iterator[T]:
+    """Yield the items of ``iterable``, one step of ``bar`` after each; close it however the loop ends."""
+    try:
+        for item in iterable:
+            yield item
+            bar.update()
+    finally:  # also on break (GeneratorExit): an early end is the bar's end, not an error to show in red
+        if bar.total is not None and bar.n < bar.total:
+            bar.total = bar.n
+        bar.close()
 
 
 def target_score(scores: torch.Tensor, target: torch.Tensor, output: str = "score") -> torch.Tensor:

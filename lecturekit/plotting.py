@@ -8,13 +8,14 @@ comparing explanations (Adebayo et al. 2018).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Sequence
 
 import numpy as np
 import torch
 
 __all__ = ["show_images", "show_grid", "overlay", "show_heatmaps", "moving_average", "learning_curves",
-           "STANDIN_MARK", "title_for", "mark_standin"]
+           "STANDIN_MARK", "title_for", "mark_standin", "figure_marked", "standin_ran", "FIGURE_MIME"]
 
 # --- Layout checks: a notebook cell can assert that its figure is legible (issue 16) ---------------------
 
@@ -109,11 +110,12 @@ def _grid_axes(n: int, ncols: int, size: float):
 
 
 def show_images(images, titles: Sequence[str] | None = None, ncols: int = 8, size: float = 1.6,
-                scale_each: bool = False, cmap: str = "gray", suptitle: str | None = None):
+                scale_each: bool = False, cmap: str = "gray", suptitle: str | None = None, model=None):
     """Show images in a grid with optional titles; returns the figure.
 
     ``scale_each``: stretch each image to its own [min, max] (for filters and feature maps, whose
-    values are not pixels); otherwise values are clipped to [0, 1].
+    values are not pixels); otherwise values are clipped to [0, 1]. ``model``: the model the images
+    come from; a stand-in model's figure is marked (:func:`mark_standin`).
     """
     x = _to_numpy_images(images)
     if titles is not None and len(titles) != len(x):
@@ -130,12 +132,14 @@ def show_images(images, titles: Sequence[str] | None = None, ncols: int = 8, siz
     if suptitle:
         fig.suptitle(suptitle)
     fig.tight_layout()
-    return fig
+    return mark_standin(fig, model)
 
 
 def show_grid(images, nrow: int = 8, scale_each: bool = True, padding: int = 1, title: str | None = None,
-              figsize=(6, 6)):
-    """One image of many small ones via ``torchvision.utils.make_grid`` (filters, feature maps)."""
+              figsize=(6, 6), model=None):
+    """One image of many small ones via ``torchvision.utils.make_grid`` (filters, feature maps).
+
+    ``model``: the model the images come from; a stand-in model's figure is marked in its title."""
     import matplotlib.pyplot as plt
     from torchvision.utils import make_grid
 
@@ -147,9 +151,9 @@ def show_grid(images, nrow: int = 8, scale_each: bool = True, padding: int = 1, 
     ax.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
     ax.axis("off")
     if title:
-        ax.set_title(title)
+        ax.set_title(title_for(model, title))
     fig.tight_layout()
-    return fig
+    return mark_standin(fig, model)
 
 
 def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.5, cmap: str = "jet",
@@ -176,12 +180,13 @@ def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.5, cmap
 
 
 def show_heatmaps(images: torch.Tensor, maps: torch.Tensor, titles: Sequence[str] | None = None,
-                  alpha: float = 0.5, ncols: int = 6, size: float = 2.0, cmap: str = "jet"):
-    """A row of images with their maps (N, H, W) overlaid; returns the figure."""
+                  alpha: float = 0.5, ncols: int = 6, size: float = 2.0, cmap: str = "jet", model=None):
+    """A row of images with their maps (N, H, W) overlaid; returns the figure (marked when ``model``
+    has stand-in weights)."""
     if len(images) != len(maps):
         raise ValueError(f"expected as many maps as images, got {len(maps)} maps for {len(images)} images")
     blended = np.stack([overlay(images[i], maps[i], alpha=alpha, cmap=cmap) for i in range(len(images))])
-    return show_images(blended.transpose(0, 3, 1, 2), titles=titles, ncols=ncols, size=size)
+    return show_images(blended.transpose(0, 3, 1, 2), titles=titles, ncols=ncols, size=size, model=model)
 
 
 def moving_average(values: Sequence[float], window: int = 20) -> np.ndarray:
@@ -239,8 +244,8 @@ def title_for(model, text: str) -> str:
 
 def mark_standin(fig, model):
     """Mark a finished figure made with ``model``: its suptitle gets :data:`STANDIN_MARK` (in red when
-    the figure had none). A figure of a model with real weights is returned unchanged."""
-    if not getattr(model, "standin", False):
+    the figure had none). A figure of a model with real weights (or ``model=None``) is returned unchanged."""
+    if not getattr(model, "standin", False) or figure_marked(fig):
         return fig
     current = fig._suptitle.get_text() if fig._suptitle is not None else ""  # Figure.get_suptitle needs mpl 3.8
     if current:
@@ -249,6 +254,76 @@ def mark_standin(fig, model):
         fig.suptitle(STANDIN_MARK.strip(" ()"), color="tab:red")
     return fig
 
+
+# ---- Which figures need the mark: a check that the executed notebook carries ------------------------
+# A stand-in model (models.imagenet_model) calls note_standin() on every forward pass; in a Jupyter
+# kernel the flag is reset before each cell, and every figure the cell displays carries one more
+# output entry, FIGURE_MIME: {"standin": a stand-in model ran in this cell, "marked": the figure says
+# "stand-in"}. A figure with standin and not marked also prints STANDIN_UNMARKED on stderr, so the
+# author sees it at once and the built HTML shows it (lecturekit.course checks both).
+
+FIGURE_MIME = "application/vnd.lecturekit.figure+json"
+STANDIN_UNMARKED = "lecturekit: a stand-in model ran in this cell but this figure does not say so"
+_standin = {"ran": False}
+
+
+def note_standin() -> None:
+    """Called by a stand-in model's forward pass: figures of the current cell must carry the mark."""
+    _standin["ran"] = True
+
+
+def standin_ran() -> bool:
+    """Whether a stand-in model ran a forward pass in the current notebook cell (since import elsewhere)."""
+    return _standin["ran"]
+
+
+def figure_marked(fig) -> bool:
+    """Whether any text of the figure (titles, suptitle, labels, annotations) says "stand-in"."""
+    from matplotlib.text import Text
+
+    return any("stand-in" in t.get_text().lower() for t in fig.findobj(Text))
+
+
+def figure_check(fig, standin: bool | None = None) -> dict:
+    """What :data:`FIGURE_MIME` carries for ``fig``; ``standin`` defaults to :func:`standin_ran`."""
+    return {"standin": standin_ran() if standin is None else bool(standin), "marked": figure_marked(fig)}
+
+
+def _figure_entry(fig) -> dict:
+    check = figure_check(fig)
+    if check["standin"] and not check["marked"]:
+        print(f"{STANDIN_UNMARKED}: pass model= to the lecturekit.plotting helper, or call "
+              "lk.plotting.mark_standin(fig, model) / ax.set_title(lk.plotting.title_for(model, ...))",
+              file=sys.stderr, flush=True)
+    return check
+
+
+def install_figure_check(shell=None) -> bool:
+    """In an IPython kernel: reset the stand-in flag before each cell and add :data:`FIGURE_MIME` to
+    every displayed figure. Runs once per shell (on import of this module); False outside IPython."""
+    if shell is None:  # IPython imported already means we may be in a kernel; importing it costs time
+        ipython = sys.modules.get("IPython")
+        shell = ipython.get_ipython() if ipython is not None else None
+    if shell is None or getattr(shell, "_lecturekit_figure_check", False):
+        return shell is not None
+    from IPython.core.formatters import JSONFormatter
+    from matplotlib.figure import FigureBase
+    from traitlets import Unicode
+
+    class FigureCheckFormatter(JSONFormatter):  # a JSON entry beside the figure's image/png
+        format_type = Unicode(FIGURE_MIME)
+
+    def reset(*_args):
+        _standin["ran"] = False
+
+    formatter = FigureCheckFormatter(parent=shell.display_formatter)
+    # Registered for FigureBase, Figure's base class: matplotlib_inline removes every formatter's entry
+    # for Figure itself when the inline backend starts (select_figure_formats), and lookups follow the MRO.
+    formatter.for_type(FigureBase, _figure_entry)
+    shell.display_formatter.formatters[FIGURE_MIME] = formatter
+    shell.events.register("pre_run_cell", reset)
+    shell._lecturekit_figure_check = True
+    return True
 
 # --- Helpers the lecture notebooks used to define for themselves (issue 9): signed RGB maps and boxes ---
 
@@ -292,3 +367,6 @@ def draw_box(ax, box, color: str = "white", lw: float = 1.5, **kwargs):
         raise ValueError(f"expected x0 <= x1 and y0 <= y1 in the box (x0, y0, x1, y1), got {box!r}")
     return ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color=color, lw=lw,
                                   **kwargs))
+
+
+install_figure_check()  # in a Jupyter kernel: the stand-in check of every figure

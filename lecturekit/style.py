@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import check_images, sample_image
-from .hooks import Layer, forward_to, model_device, preserved, resolve_layer
+from .hooks import Layer, forward_to, model_device, preserved, progress_bar, resolve_layer
 from .models import Normalize
 
 __all__ = [
@@ -369,8 +369,6 @@ def _optimise(terms: Callable[[torch.Tensor], dict], x: torch.Tensor, steps: int
     unconstrained, clamped to [0, 1] at the end (clamping between iterations breaks the curvature
     pairs that L-BFGS keeps, and it diverges); Adam: a step then a clamp (projected gradient descent).
     """
-    from tqdm.auto import tqdm
-
     if optimizer not in ("lbfgs", "adam"):
         raise ValueError(f"expected optimizer 'lbfgs' or 'adam', got {optimizer!r}")
     x = x.detach().clone().requires_grad_(True)
@@ -392,7 +390,7 @@ def _optimise(terms: Callable[[torch.Tensor], dict], x: torch.Tensor, steps: int
         total.backward()
         return total
 
-    for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+    for _ in progress_bar(range(steps), progress, desc=desc):
         opt.step(closure)
         if optimizer == "adam":
             with torch.no_grad():
@@ -728,13 +726,12 @@ def train_fast_style(steps: int | None = None, seed: int | None = None, out: str
     opt = torch.optim.Adam(net.parameters(), lr=recipe["lr"])
     history: dict = {"loss": [], "content": [], "style": []}
     start_time = time.perf_counter()
-    from tqdm.auto import tqdm
 
     with forward_to(phi, names, detach=False) as run:
         with torch.no_grad():
             targets = {name: gram(A).detach() for name, A in run(style).items()}  # (1, C, C)
         net.train()
-        for step in tqdm(range(steps), desc="train-style", disable=not progress, leave=False):
+        for step in progress_bar(range(steps), progress, desc="train-style"):
             y_c = training_crops(recipe["batch_size"], recipe["size"], seed=recipe["seed"] * 1_000_003 + step)
             with torch.no_grad():
                 P = run(y_c)[content_name].detach().clone()  # (B, C, h, w)

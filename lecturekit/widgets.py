@@ -16,6 +16,89 @@ if TYPE_CHECKING:  # type aliases only: the widgets import their lecture modules
     from .data import Target
     from .hooks import Layer
 
+# ---- A static picture of each explorer, for pages without a kernel -----------------------------------
+# An explorer's display data carries, beside the widget view, an image/png of its current figure (and
+# lecturekit.plotting.FIGURE_MIME, the stand-in check). JupyterLab shows the live widget; the course
+# build (lecturekit.course) keeps the picture, so the HTML shows the explorer as it was left.
+
+
+def _png_of(fig) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+class _Picture:
+    """The explorer's current figure: a PNG (and its stand-in check), or a figure rendered on display."""
+
+    def __init__(self):
+        self.figure, self.png, self.check = None, None, None
+
+    def set_figure(self, fig, model) -> None:
+        """Remember ``fig`` (rendered only when the explorer is displayed; plt.show closes it, saving works)."""
+        from .plotting import figure_check
+
+        self.figure, self.png = fig, None
+        self.check = figure_check(fig, standin=getattr(model, "standin", False))
+
+    def set_png(self, fig, model) -> bytes:
+        """Render ``fig`` to PNG now (the Image-widget explorers show it) and remember it."""
+        from .plotting import figure_check
+
+        self.check = figure_check(fig, standin=getattr(model, "standin", False))
+        self.figure, self.png = None, _png_of(fig)
+        return self.png
+
+    def clear(self) -> None:
+        self.figure, self.png, self.check = None, None, None
+
+    def bundle(self) -> dict:
+        import base64
+
+        from .plotting import FIGURE_MIME
+
+        if self.png is None and self.figure is not None:
+            self.png = _png_of(self.figure)
+            self.figure = None
+        if self.png is None:
+            return {}
+        return {"image/png": base64.b64encode(self.png).decode("ascii"), FIGURE_MIME: dict(self.check)}
+
+
+def _with_picture(box, picture: _Picture):
+    """Make ``box`` display its current picture too (ipywidgets 8: ``_repr_mimebundle_``; 7: ``_ipython_display_``)."""
+    import ipywidgets as widgets
+
+    box.picture_data = picture.bundle  # for tests: the static data the next display carries
+    if hasattr(widgets.Widget, "_repr_mimebundle_"):  # ipywidgets 8
+        plain = box._repr_mimebundle_
+
+        def _repr_mimebundle_(**kwargs):
+            data = plain(**kwargs)
+            return {**data, **picture.bundle()} if data else data
+
+        box._repr_mimebundle_ = _repr_mimebundle_
+    else:  # ipywidgets 7 displays itself with _ipython_display_ (its own code, plus the picture)
+        def _ipython_display_(**kwargs):
+            from IPython.display import display
+
+            data = {"text/plain": repr(box)[:110],
+                    "application/vnd.jupyter.widget-view+json": {"version_major": 2, "version_minor": 0,
+                                                                 "model_id": box._model_id}}
+            display({**data, **picture.bundle()}, raw=True)
+            handle = getattr(box, "_handle_displayed", None)  # 7's on_displayed callbacks
+            if handle is not None:
+                handle(**kwargs)
+
+        box._ipython_display_ = _ipython_display_
+    return box
+
+
 # ---- What the network learned (notebook 03): layer/channel explorer -----------------------------
 
 @renamed(images="x")
@@ -30,11 +113,9 @@ def feature_explorer(model: nn.Module, x: torch.Tensor, layers: list[Layer] | No
     holds (layer, channel, index) and ``box.state["view"]`` the last FeatureView, for tests and live-coding.
     Notebook: 03_activations
     """
-    import io
     import math
 
     import ipywidgets as widgets
-    import matplotlib.pyplot as plt
     from torch import nn
 
     from . import features as _features
@@ -59,6 +140,7 @@ def feature_explorer(model: nn.Module, x: torch.Tensor, layers: list[Layer] | No
                                      continuous_update=False)
     picture = widgets.Image(format="png")
     state: dict = {}
+    static = _Picture()
 
     def redraw(_change=None):
         view = _features.feature_view(model, x, layer_box.value, channel_slider.value,
@@ -66,10 +148,7 @@ def feature_explorer(model: nn.Module, x: torch.Tensor, layers: list[Layer] | No
         columns = max(1, math.ceil(math.sqrt(2 * len(view.maps))))  # 32 maps: 8 x 4, 128: 16 x 8
         # a block about twice as wide as high, the shape of the maps' panel, not a thin strip
         fig = mark_standin(_features.show_feature_view(view, ncols=columns), model)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=80)
-        plt.close(fig)
-        picture.value = buffer.getvalue()
+        picture.value = static.set_png(fig, model)
         state["view"] = view
 
     quiet = [False]  # while the layer changes, the channel slider's clamping must not redraw as well
@@ -92,7 +171,7 @@ def feature_explorer(model: nn.Module, x: torch.Tensor, layers: list[Layer] | No
     redraw()
     box = widgets.VBox([widgets.HBox([layer_box, channel_slider, index_slider]), picture])
     box.controls, box.state = (layer_box, channel_slider, index_slider), state
-    return box
+    return _with_picture(box, static)
 
 
 # ---- Which pixels matter (notebook 04): occlusion explorer --------------------------------------
@@ -130,6 +209,7 @@ def occlusion_explorer(model: nn.Module, x: torch.Tensor, target: Target, patch:
                                       continuous_update=False)
     out = widgets.Output()
     state: dict = {}
+    static = _Picture()
 
     def redraw(_change=None):
         heat = occlusion_view(model, x, target, patch_slider.value, stride_slider.value, output)
@@ -143,6 +223,7 @@ def occlusion_explorer(model: nn.Module, x: torch.Tensor, target: Target, patch:
             axes[1].set_title(title_for(model, f"occlusion, patch {patch_slider.value}, stride {stride_slider.value}"))
             for ax in axes:
                 ax.axis("off")
+            static.set_figure(fig, model)
             plt.show()
             plt.close(fig)
 
@@ -151,7 +232,7 @@ def occlusion_explorer(model: nn.Module, x: torch.Tensor, target: Target, patch:
     redraw()
     box = widgets.VBox([widgets.HBox([patch_slider, stride_slider]), out])
     box.sliders, box.state = (patch_slider, stride_slider), state
-    return box
+    return _with_picture(box, static)
 
 
 # ---- Synthesizing images (notebooks 08-10): prior-strength explorer ------------------------------
@@ -199,6 +280,7 @@ def prior_explorer(model: nn.Module, target: Target = 0, steps: int = 100, lr: f
     }
     out = widgets.Output()
     state: dict = {}
+    static = _Picture()
 
     def redraw(_change=None):
         settings = dict(l2_weight=sliders["l2_weight"].value if sliders["l2_weight_on"].value else 0.0, jitter=sliders["jitter"].value,
@@ -215,7 +297,9 @@ def prior_explorer(model: nn.Module, target: Target = 0, steps: int = 100, lr: f
             ax.imshow(image[0].permute(1, 2, 0).cpu().numpy())
             ax.set_title(title_for(model, f"p = {prob:.3f}, TV = {state['tv']:.1f}"), fontsize=9)
             ax.axis("off")
+            static.set_figure(fig, model)
             plt.show()
+            plt.close(fig)
 
     for slider in sliders.values():
         slider.observe(redraw, names="value")
@@ -223,7 +307,7 @@ def prior_explorer(model: nn.Module, target: Target = 0, steps: int = 100, lr: f
     box = widgets.VBox([widgets.HBox([widgets.VBox(list(sliders.values())[:4]),
                                       widgets.VBox(list(sliders.values())[4:])]), out])
     box.sliders, box.state = sliders, state
-    return box
+    return _with_picture(box, static)
 
 
 # ---- Texture and style (notebook 12): style-weight and layer explorer ---------------------------
@@ -261,6 +345,7 @@ def style_explorer(model, content, style, layers: list[Layer] | None = None, sty
                                     description="style layers", style={"description_width": "90px"})
     out = widgets.Output()
     state: dict = {}
+    static = _Picture()
 
     def redraw(_change=None):
         selected = list(chosen.value)
@@ -269,6 +354,7 @@ def style_explorer(model, content, style, layers: list[Layer] | None = None, sty
             out.clear_output(wait=True)
             if not selected:
                 state.update(image=None, losses=None)
+                static.clear()
                 print("select at least one style layer")
                 return
             result = style_view(model, content, style, weight.value, selected, steps=steps, seed=seed)
@@ -282,6 +368,7 @@ def style_explorer(model, content, style, layers: list[Layer] | None = None, sty
             fig.suptitle(f"content loss {state['losses']['content']:.3g}, style loss {state['losses']['style']:.3g}",
                          fontsize=9)
             fig.tight_layout()
+            static.set_figure(fig, model)
             plt.show()
             plt.close(fig)
 
@@ -290,7 +377,7 @@ def style_explorer(model, content, style, layers: list[Layer] | None = None, sty
     redraw()
     box = widgets.VBox([widgets.HBox([weight, chosen]), out])
     box.controls, box.state = (weight, chosen), state
-    return box
+    return _with_picture(box, static)
 
 
 # ---- Adversarial examples (notebook 14): attack explorer -------------------------------------------
@@ -366,12 +453,10 @@ def attack_explorer(model: nn.Module, x: torch.Tensor, labels=None, eps: int = 4
     Returns a VBox; ``box.controls`` holds (image, target, eps, attack) and ``box.state["view"]`` the
     last view, for tests and live-coding. Notebook: 14_adversarial_examples
     """
-    import io
-
     import ipywidgets as widgets
-    import matplotlib.pyplot as plt
 
     from .models import class_names
+    from .plotting import mark_standin
 
     names = class_names(model)
     image = widgets.IntSlider(value=0, min=0, max=len(x) - 1, description="image", continuous_update=False)
@@ -381,17 +466,15 @@ def attack_explorer(model: nn.Module, x: torch.Tensor, labels=None, eps: int = 4
     attack = widgets.Dropdown(options=["pgd", "fgsm"], value="pgd", description="attack")
     picture = widgets.Image(format="png")
     state: dict = {}
+    static = _Picture()
 
     def redraw(_change=None):
         i = image.value
         view = attack_view(model, x[i:i + 1], target=None if target.value < 0 else target.value,
                            eps=eps_slider.value / 255, attack=attack.value, steps=steps,
                            true_class=None if labels is None else int(labels[i]))
-        fig = show_attack_view(view, names)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=80)
-        plt.close(fig)
-        picture.value = buffer.getvalue()
+        fig = mark_standin(show_attack_view(view, names), model)
+        picture.value = static.set_png(fig, model)
         state["view"] = view
 
     for control in (image, target, eps_slider, attack):
@@ -399,4 +482,4 @@ def attack_explorer(model: nn.Module, x: torch.Tensor, labels=None, eps: int = 4
     redraw()
     box = widgets.VBox([widgets.HBox([image, target]), widgets.HBox([eps_slider, attack]), picture])
     box.controls, box.state = (image, target, eps_slider, attack), state
-    return box
+    return _with_picture(box, static)

@@ -19,6 +19,30 @@ def course():
 
 
 @pytest.fixture(scope="session")
+def built_notebook(tmp_path_factory):
+    """``build(path) -> record``: the lecture notebook executed (FAST, stand-ins) by the course build,
+    once per test session, into a temporary build folder (``record["html"]``, ``record["ipynb"]``).
+
+    tests/test_notebooks.py (it runs) and tests/test_built_course.py (its page reads well) share the
+    execution. Under pytest-xdist, run with ``--dist loadgroup`` to keep both on one worker.
+    """
+    from lecturekit.course import build_notebook
+
+    out = tmp_path_factory.mktemp("course")
+    records: dict = {}
+
+    def build(path):
+        if path.stem not in records:
+            record = build_notebook(path, out, fast=True, timeout=600, standin="1", heartbeat=60,
+                                    log=lambda line: print(line, flush=True))
+            record.update(html=out / f"{path.stem}.html", ipynb=out / f"{path.stem}.ipynb")
+            records[path.stem] = record
+        return records[path.stem]
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def shapes_batch():
     from lecturekit.data import shapes
 

@@ -1,12 +1,11 @@
-"""Every lecture notebook runs top to bottom under nbval (--nbval-lax), offline, with LECTUREKIT_FAST=1.
+"""Every lecture notebook runs top to bottom, offline, with LECTUREKIT_FAST=1 and stand-in weights.
 
-Each notebook is its own test, run in a fresh pytest process as a student's kernel would be; the
-time each takes is printed (the issues ask for at most 60 s each; see benchmarks/RESULTS.md).
+Each notebook is its own test, executed in a fresh kernel by the course build (the session fixture
+``built_notebook``, shared with tests/test_built_course.py, which checks the page it makes), as
+``pytest --nbval-lax`` would: any cell that raises fails it. The time each takes is printed (the issues
+ask for at most 60 s each; see benchmarks/RESULTS.md). One notebook alone, as the README says:
+``pytest --nbval-lax --nbval-current-env notebooks/NN_x.ipynb``.
 """
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(notebook, tmp_path):
-    env = dict(os.environ, LECTUREKIT_FAST="1", LECTUREKIT_STANDIN="1", MPLBACKEND="Agg")
-    start = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-q", "-p", "no:cacheprovider",
-         "--rootdir", str(tmp_path), str(notebook)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    seconds = time.perf_counter() - start
-    print(f"{notebook.name}: {seconds:.1f} s")
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+@pytest.mark.slow
+@pytest.mark.parametrize("notebook", [pytest.param(p, id=p.stem, marks=pytest.mark.xdist_group(p.stem))
+                                      for p in NOTEBOOKS])
+def test_notebook_runs(notebook, built_notebook):
+    record = built_notebook(notebook)
+    print(f"{notebook.name}: {record['seconds']:.1f} s")
+    assert record["status"] == "ok", f"{notebook.name} {record['status']}\n{record['error']}"
 
 
 def test_notebooks_are_committed_without_outputs():
