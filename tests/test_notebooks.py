@@ -30,3 +30,14 @@ def test_notebooks_are_committed_without_outputs():
         nb = nbformat.read(path, as_version=4)
         dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
         assert not dirty, f"{path.name} has outputs in cells {dirty}: commit notebooks clean"
+
+
+def test_notebooks_are_valid_nbformat():
+    """A cell ``id`` in a notebook of nbformat 4.4 (or a 4.5 cell without one) is invalid: nbconvert logs
+    "Notebook JSON is invalid" at every build and other tools may refuse the file."""
+    import nbformat
+
+    for path in [*NOTEBOOKS, *sorted((ROOT / "solutions").glob("*.ipynb")), *sorted((ROOT / "assignments").glob("*.ipynb"))]:
+        with open(path, encoding="utf-8") as f:
+            nb = nbformat.reads(f.read(), as_version=nbformat.NO_CONVERT)
+        nbformat.validate(nb)  # raises ValidationError naming the cell
