@@ -182,13 +182,9 @@ def test_the_build_catches_and_fixes_in_a_real_kernel(tmp_path):
 # Each check of a built page, by the words its problems contain.
 CHECKS = {"stand-in mark": "stand-in", "raw math": "raw math", "progress bars": "progress bar",
           "tracebacks": "traceback", "offline": "internet", "download line": "Downloading"}
-# (notebook, check) pairs known to fail while other branches of issue 16 fix the notebooks' content;
-# xfail(strict=False) until they are merged, then emptied.
-_UNMARKED = ("figures of stand-in ImageNet models without the stand-in mark (found by this check on "
-             "2026-11-23; the notebooks' content is being fixed on the nb_a/nb_b branches)")
-KNOWN: dict[tuple[str, str], str] = {(name, "stand-in mark"): _UNMARKED for name in (
-    "03_activations",  # the cat photo shown in the cell where SqueezeNet runs: mark it (model=) or move it
-    "08_gradient_ascent", "09_deepdream", "10_feature_inversion")}
+# (notebook, check) -> reason: a known defect being fixed elsewhere, xfail(strict=False) until it lands.
+# Empty since the notebook passes of issue 16 were merged: every check holds for every notebook.
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 @pytest.mark.slow
