@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import lecturekit as lk  # noqa: E402
 from lecturekit import style as S  # noqa: E402
-from timing import median_seconds, timed as timed_with  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from timing import print_table, median_seconds, timed as timed_with  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 QUICK = "--quick" in sys.argv
 if "--threads" in sys.argv:
@@ -105,10 +105,7 @@ def speed():
         rows.append(("train-style, timed now (CPU time)", "", f"{time.process_time() - cpu:.0f} s", "<= 600 s"))
 
     print(f"\nthreads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} (2 cores)")
-    print(f"| {'measurement':<58} | {'times':<18} | {'result':>9} | target |")
-    print("|" + "-" * 60 + "|" + "-" * 20 + "|" + "-" * 11 + "|--------|")
-    for r in rows:
-        print(f"| {r[0]:<58} | {r[1]:<18} | {r[2]:>9} | {r[3]} |")
+    print_table(rows, widths=(58, 18, 9))
 
 
 def quality():

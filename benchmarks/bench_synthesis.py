@@ -17,7 +17,7 @@ os.environ.setdefault("LECTUREKIT_STANDIN", "1")  # never download at run time; 
 import torch  # noqa: E402
 
 import lecturekit as lk  # noqa: E402
-from timing import median_seconds  # noqa: E402 -- benchmarks/timing.py: the one timer
+from timing import print_table, median_seconds  # noqa: E402 -- benchmarks/timing.py: the one timer
 from lecturekit import synthesis as S  # noqa: E402
 
 QUICK = "--quick" in sys.argv
@@ -64,10 +64,7 @@ def speed():
     tdream12 = median_seconds(lambda: S.deep_dream(squeeze, photo, "features.12", steps=10, octaves=3, progress=False), 1)
     rows.append(("SqueezeNet: DeepDream 3 octaves x 10 steps, 224 px, features.12", "", f"{tdream12:.1f} s", "<= 60 s"))
     print(f"\nweights: SqueezeNet {'stand-in' if squeeze.standin else 'ImageNet'}; threads {torch.get_num_threads()}")
-    print(f"| {'measurement':<62} | {'times':<22} | {'result':>8} | target |")
-    print("|" + "-" * 64 + "|" + "-" * 24 + "|" + "-" * 10 + "|--------|")
-    for r in rows:
-        print(f"| {r[0]:<62} | {r[1]:<22} | {r[2]:>8} | {r[3]} |")
+    print_table(rows, widths=(62, 22, 8))
 
 
 def quality():

@@ -41,3 +41,12 @@ def side_by_side(a: Callable[[], Any], b: Callable[[], Any], repeat: int = 5,
         ta.append(timed(a, 1, clock=clock)[0])
         tb.append(timed(b, 1, clock=clock)[0])
     return min(ta), min(tb)
+
+
+def print_table(rows: list[tuple[str, str, str, str]], widths: tuple[int, int, int] = (58, 18, 9)) -> None:
+    """Print ``(measurement, times, result, target)`` rows as the Markdown table RESULTS.md copies."""
+    a, b, c = widths
+    print(f"| {'measurement':<{a}} | {'times':<{b}} | {'result':>{c}} | target |")
+    print("|" + "-" * (a + 2) + "|" + "-" * (b + 2) + "|" + "-" * (c + 2) + "|--------|")
+    for r in rows:
+        print(f"| {r[0]:<{a}} | {r[1]:<{b}} | {r[2]:>{c}} | {r[3]} |")
