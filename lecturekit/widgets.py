@@ -46,6 +46,14 @@ class _Picture:
         self.figure, self.png = fig, None
         self.check = figure_check(fig, standin=getattr(model, "standin", False))
 
+    def show(self, fig, model) -> None:
+        """Remember ``fig`` as the explorer's picture, show it in the output area, and close it."""
+        import matplotlib.pyplot as plt
+
+        self.set_figure(fig, model)
+        plt.show()
+        plt.close(fig)
+
     def set_png(self, fig, model) -> bytes:
         """Render ``fig`` to PNG now (the Image-widget explorers show it) and remember it."""
         from .plotting import figure_check
@@ -223,9 +231,7 @@ def occlusion_explorer(model: nn.Module, x: torch.Tensor, target: Target, patch:
             axes[1].set_title(title_for(model, f"occlusion, patch {patch_slider.value}, stride {stride_slider.value}"))
             for ax in axes:
                 ax.axis("off")
-            static.set_figure(fig, model)
-            plt.show()
-            plt.close(fig)
+            static.show(fig, model)
 
     patch_slider.observe(redraw, names="value")
     stride_slider.observe(redraw, names="value")
@@ -297,9 +303,7 @@ def prior_explorer(model: nn.Module, target: Target = 0, steps: int = 100, lr: f
             ax.imshow(image[0].permute(1, 2, 0).cpu().numpy())
             ax.set_title(title_for(model, f"p = {prob:.3f}, TV = {state['tv']:.1f}"), fontsize=9)
             ax.axis("off")
-            static.set_figure(fig, model)
-            plt.show()
-            plt.close(fig)
+            static.show(fig, model)
 
     for slider in sliders.values():
         slider.observe(redraw, names="value")
@@ -368,9 +372,7 @@ def style_explorer(model, content, style, layers: list[Layer] | None = None, sty
             fig.suptitle(f"content loss {state['losses']['content']:.3g}, style loss {state['losses']['style']:.3g}",
                          fontsize=9)
             fig.tight_layout()
-            static.set_figure(fig, model)
-            plt.show()
-            plt.close(fig)
+            static.show(fig, model)
 
     weight.observe(redraw, names="value")
     chosen.observe(redraw, names="value")
