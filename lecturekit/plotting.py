@@ -103,7 +103,9 @@ def _grid_axes(n: int, ncols: int, size: float):
 
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False)
+    # constrained layout leaves room for multi-line titles, which tight_layout let run into the row above
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows + 0.3), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     return fig, axes.flat
@@ -131,7 +133,6 @@ def show_images(images, titles: Sequence[str] | None = None, ncols: int = 8, siz
             ax.set_title(str(titles[i]), fontsize=8)
     if suptitle:
         fig.suptitle(suptitle)
-    fig.tight_layout()
     return mark_standin(fig, model)
 
 
