@@ -111,16 +111,23 @@ def validate_source(source: str) -> str:
                      f"(git+https://github.com/OWNER/lecturekit.git), got {source!r}")
 
 
+def _install_failed(source: str) -> str:
+    """What the cell says when pip cannot install ``source`` (e.g. the course is not on PyPI yet)."""
+    return (f"could not install the course from {source!r} (pip's message is above). Not on PyPI yet? "
+            "Your instructor sets its wheel or git URL once: `lecturekit colab --source URL`.")
+
+
 def install_cell(source: str) -> str:
     """The source of the first code cell of every notebook, installing from ``source``."""
     source = validate_source(source)
-    return (f"{CELL_MARKER} from {source} without touching Colab's\n"
-            "# torch, torchvision or ipywidgets, and enable its widgets. Locally: nothing happens.\n"
+    return (f"{CELL_MARKER} without touching Colab's torch, torchvision or\n"
+            f"# ipywidgets, and enable its widgets (source: {source}). Locally: nothing happens.\n"
             "import subprocess, sys\n"
             "\n"
             'if "google.colab" in sys.modules:\n'
-            '    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", '
-            f'{json.dumps(source)}], check=True)\n'
+            '    if subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", '
+            f'{json.dumps(source)}]).returncode:\n'
+            f'        raise RuntimeError({json.dumps(_install_failed(source))})\n'
             "    from lecturekit.colab import setup\n"
             "\n"
             "    setup()")

@@ -101,11 +101,21 @@ def test_setup_reads_the_installed_package_metadata(fake_colab, pip_calls):
 def test_the_cell_installs_from_its_source_without_deps_then_calls_setup(source, fake_colab, pip_calls, monkeypatch):
     monkeypatch.setattr(colab.importlib.metadata, "requires", lambda dist: ["tqdm>=4.60"])
     cell = colab.install_cell(source)
-    assert cell.startswith(colab.CELL_MARKER) and len(cell.splitlines()) <= 10
+    assert cell.startswith(colab.CELL_MARKER) and len(cell.splitlines()) <= 11
     exec(compile(cell, "<install cell>", "exec"), {})
     first, second = (c["command"] for c in pip_calls)
     assert first == [sys.executable, "-m", "pip", "install", "-q", "--no-deps", source]
     assert "-c" in second and fake_colab == [True]
+
+
+def test_the_cell_says_what_to_do_when_the_source_cannot_be_installed(fake_colab, monkeypatch):
+    """On Colab with the default source before the course is on PyPI: a clear error, and setup never runs."""
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **kw: calls.append(command) or
+                        subprocess.CompletedProcess(command, 1))
+    with pytest.raises(RuntimeError, match=r"could not install the course from 'lecturekit'.*--source URL"):
+        exec(compile(colab.install_cell("lecturekit"), "<install cell>", "exec"), {})
+    assert len(calls) == 1 and fake_colab == []  # no second pip call, widgets untouched
 
 
 def test_the_cell_does_nothing_locally(pip_calls, monkeypatch):
