@@ -214,6 +214,44 @@ def test_evolution_is_seeded():
     assert torch.equal(a.images, b.images)
 
 
+def test_cppn_render_matches_a_pixel_by_pixel_evaluation():
+    """Each pixel (x, y, r = sqrt(x^2 + y^2), 1) through the layers by hand, every node with its own activation."""
+    gen = torch.Generator().manual_seed(4)
+    genome = A._random_cppn(2, gen, hidden=4, layers=2)
+    genome["act"][0] = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])  # all four activations in the first genome
+    funcs = [math.sin, math.tanh, lambda t: math.exp(-t * t), abs]
+    size = 3
+    out = A.cppn_render(genome, size)
+    assert out.shape == (2, 3, size, size)
+    for p in range(2):
+        for row, yv in enumerate([-1.0, 0.0, 1.0]):
+            for col, xv in enumerate([-1.0, 0.0, 1.0]):
+                h = [xv, yv, math.sqrt(xv * xv + yv * yv), 1.0]
+                for layer, w in enumerate(genome["weights"][:-1]):
+                    h = [funcs[genome["act"][p, layer, j]](sum(h[i] * w[p, i, j].item() for i in range(len(h))))
+                         for j in range(w.shape[2])]
+                w = genome["weights"][-1]
+                rgb = [1 / (1 + math.exp(-sum(h[i] * w[p, i, c].item() for i in range(len(h))))) for c in range(3)]
+                assert out[p, :, row, col].tolist() == pytest.approx(rgb, abs=1e-6)
+
+
+@pytest.mark.parametrize("encoding", ["direct", "cppn"])
+def test_evolution_stops_once_every_class_reaches_the_threshold(encoding):
+    """A linear model that an even colour fools: the run stops early with every elite at the threshold,
+    one generation's queries per generation run; a threshold already met by the first population runs none."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3)).eval()
+    with torch.no_grad():
+        model[1].weight.mul_(20)
+    e = A.evolve_fooling_images(model, encoding=encoding, generations=2000, children=4, size=8, threshold=0.999,
+                                seed=1, progress=False)
+    assert 0 < e.generations < 2000 and len(e.history) == e.generations
+    assert (e.confidence >= 0.999 - 1e-6).all(), e.confidence
+    assert e.queries == 1 + 3 * 4 + e.generations * 3 * 4 + 3
+    easy = A.evolve_fooling_images(model, encoding=encoding, generations=50, size=8, threshold=0.01, progress=False)
+    assert easy.generations == 0 and easy.history == [] and easy.queries == 1 + 3 * 4 + 3
+
+
 def test_transfer_matrix_diagonal_is_white_box(course, batch):
     x, y = batch
     m = A.transfer_matrix({"a": course, "b": course}, x, y, attack=lambda mm, xs, ys: A.fgsm(mm, xs, ys, 8 / 255))
