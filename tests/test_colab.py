@@ -15,7 +15,6 @@ import pytest
 from lecturekit import colab
 
 ROOT = Path(__file__).resolve().parents[1]
-LEGACY_CELL_LINE = 'subprocess.run([sys.executable, "-m", "pip", "install", "-q", "lecturekit"], check=True)'
 
 
 @pytest.fixture
@@ -192,7 +191,4 @@ def test_set_configured_source_adds_the_section_when_missing(tmp_path):
 def test_committed_notebooks_install_from_the_configured_source():
     source = colab.configured_source(ROOT)
     stale = colab.rewrite_notebooks(ROOT, source, check_only=True)
-    legacy = [p for p in stale if LEGACY_CELL_LINE in nbformat.read(p, as_version=4).cells[1].source]
-    if stale and legacy == stale:
-        pytest.skip(f"the notebooks still have the old install cell: run `lecturekit colab` ({len(stale)} notebooks)")
     assert not stale, f"run `lecturekit colab`: {[p.name for p in stale]} do not install from {source}"
