@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's lecturekit, also when it is not installed
+from timing import print_table  # noqa: E402 -- benchmarks/timing.py: the one table printer
 
 NOTEBOOK_TARGET_S = 300.0  # each notebook, full settings
 COURSE_TARGET_S = 900.0  # the whole build
@@ -108,27 +109,25 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs, LECTUREKIT_STANDIN={os.environ.get('LECTUREKIT_STANDIN', 'auto')}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
-        rows = []
-        header = f"| {'notebook':<32} | {'wall s':>7} | {'CPU s':>7} | {'load':>5} | {'slowest cell':>14} | status |"
+        rows, records = [], []
         for path in notebooks:
             r = bench_notebook(path, out, fast=args.quick, timeout=args.timeout, heartbeat=args.heartbeat)
+            records.append(r)
             flag = "FAIL " if r["status"] != "ok" else ("SLOW " if r["cpu_s"] > NOTEBOOK_TARGET_S else "")
             cell, cell_s = r["slowest"]
-            rows.append(f"| {r['name']:<32} | {r['seconds']:7.0f} | {r['cpu_s']:7.0f} | {r['load']:5.1f} | "
-                        f"{f'{cell} ({cell_s:.0f} s)':>14} | {flag}{r['status'][:60]}"
-                        f"{' (stand-in)' if r['standin'] else ''} |")
-            print(rows[-1], flush=True)
-            rows[-1] = (rows[-1], r)
-        records = [r for _, r in rows]
+            rows.append((r["name"] + (" (stand-in)" if r["standin"] else ""),
+                         f"wall {r['seconds']:.0f}, CPU {r['cpu_s']:.0f}, load {r['load']:.1f}, "
+                         f"slowest cell {cell} ({cell_s:.0f} s)",
+                         flag + r["status"][:60], f"CPU <= {NOTEBOOK_TARGET_S:.0f} s"))
+            print(" | ".join(rows[-1]), flush=True)
         wall, cpu = sum(r["seconds"] for r in records), sum(r["cpu_s"] for r in records)
-        print(f"\n{header}\n|{'-' * 34}|{'-' * 9}|{'-' * 9}|{'-' * 7}|{'-' * 16}|--------|")
-        for line, _ in rows:
-            print(line)
-        total_flag = "SLOW " if cpu > COURSE_TARGET_S else ""
-        print(f"| {'total':<32} | {wall:7.0f} | {cpu:7.0f} | {'':>5} | {'':>14} | "
-              f"{total_flag}{sum(r['status'] == 'ok' for r in records)}/{len(records)} ok |")
-        print(f"targets: each notebook <= {NOTEBOOK_TARGET_S:.0f} s, all <= {COURSE_TARGET_S:.0f} s "
-              f"(CPU s at one thread is the work; wall s includes the machine's other jobs)")
+        ok = sum(r["status"] == "ok" for r in records)
+        rows.append(("total", f"wall {wall:.0f}, CPU {cpu:.0f}",
+                     ("SLOW " if cpu > COURSE_TARGET_S else "") + f"{ok}/{len(records)} ok",
+                     f"CPU <= {COURSE_TARGET_S:.0f} s"))
+        print()
+        print_table(rows, widths=(40, 58, 12))
+        print("CPU s at one thread is the work done; wall s includes the machine's other jobs")
     return 0 if all(r["status"] == "ok" for r in records) else 1
 
 

@@ -163,6 +163,19 @@ def test_fooling_image_stops_at_the_threshold_for_every_class(course, batch):
     assert (r.linf <= r.steps * 0.5 / 255 + 1e-6).all()
 
 
+def test_fooling_rate_counts_changed_predictions_and_reuses_given_clean_ones(course, batch):
+    x, _ = batch  # (12, 3, 64, 64)
+    v = 0.2 * torch.randn(1, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # by hand: k(x) against k(clamp(x + v))
+        clean, moved = course(x).argmax(1), course((x + v).clamp(0, 1)).argmax(1)
+    expected = (clean != moved).float().mean().item()
+    assert 0 < expected < 1  # some images change, some do not: the count is informative
+    assert A.fooling_rate(course, x, v) == pytest.approx(expected)
+    assert A.fooling_rate(course, x, v, clean=clean) == pytest.approx(expected)
+    assert A.fooling_rate(course, x, v, clean=moved) == 0.0  # the given k(x) is the one used
+    assert A.fooling_rate(course, x, torch.zeros_like(v)) == 0.0
+
+
 def test_patch_is_pasted_where_asked_and_gradients_reach_it():
     x = torch.zeros(2, 3, 8, 8)
     patch = torch.ones(3, 3, 3, requires_grad=True)
