@@ -594,7 +594,8 @@ def _put(archive, idx: torch.Tensor, new, src: torch.Tensor) -> None:
 @dataclass
 class EvolvedResult:
     """The MAP-Elites archive: one elite image per class (K, 3, S, S), its confidence p_class (K,), the number
-    of model queries (images shown to the model), and the lowest elite confidence after each generation."""
+    of model queries (images shown to the model), the lowest elite confidence after each generation, and how
+    many times a stalled class was restarted from another class's elite (cross-niche seeding)."""
 
     images: torch.Tensor
     confidence: torch.Tensor
@@ -602,24 +603,33 @@ class EvolvedResult:
     generations: int
     history: list = field(default_factory=list)
     encoding: str = "direct"
+    restarts: int = 0
 
 
 def evolve_fooling_images(model: nn.Module, encoding: str = "cppn", generations: int = 200, children: int = 4,
                           size: int = 64, threshold: float = 0.9999, sigma: float | None = None,
-                          rate: float | None = None, scales: int = 4, seed: int = 0,
+                          rate: float | None = None, scales: int = 4, patience: int | None = 50, seed: int = 0,
                           progress: bool = True) -> EvolvedResult:
     """Evolve images the network classifies with confidence >= ``threshold``, reading only its outputs
     (Nguyen, Yosinski and Clune 2015): no gradients, a black box.
 
     MAP-Elites (Mouret and Clune 2015) with one niche per class: the archive keeps, for each class c,
-    the image with the highest p_c found so far. Each generation shows K * ``children`` mutated
-    children to the model (one query per image), shared among the elites of the classes still below
+    the image with the highest p_c found so far (its elite). Each class also has a *parent*, the image
+    its lineage climbs from (at first its elite). Each generation shows K * ``children`` mutated
+    children to the model (one query per image), shared among the parents of the classes still below
     ``threshold`` (all K at first, so ``children`` each; the last hard class gets them all), and any
-    child that beats the elite of *any* class replaces it. A parent's children are mutated at
-    ``scales`` step sizes, sigma * 4^-j for j = 0 .. scales-1: the coarse ones explore, the fine ones
-    climb the last digits (1 - p_c of 1e-4 needs steps far smaller than the ones that found p_c = 0.9).
-    Fitness is compared as log p_c (float32 probabilities round to 1 near 0.99999). Stops as soon as
-    every class reaches ``threshold``, else after ``generations``: pass a generous cap.
+    child that beats the parent or the elite of *any* class replaces it. A parent's children are
+    mutated at ``scales`` step sizes, sigma * 4^-j for j = 0 .. scales-1: the coarse ones explore, the
+    fine ones climb the last digits (1 - p_c of 1e-4 needs steps far smaller than the ones that found
+    p_c = 0.9). Fitness is compared as log p_c (float32 probabilities round to 1 near 0.99999).
+
+    Cross-niche seeding: a class whose parent has not improved for ``patience`` generations sits on a
+    local optimum, and its own lineage will not leave it. Its parent is replaced by the elite of
+    another class (first the one with the highest p_c, then the next best at each further restart):
+    the paper saw a champion of one class often become the parent of another's. The new lineage may
+    start below the old elite, which the archive keeps until a better image is found. ``patience=None``
+    turns this off. Stops as soon as every class reaches ``threshold``, else after ``generations``: pass
+    a generous cap.
 
     ``encoding``: ``"direct"`` (the genome is the pixels; Gaussian mutation of a fraction ``rate`` of
     them, where the paper uses polynomial mutation) or ``"cppn"`` (the genome is a small CPPN,
@@ -632,6 +642,7 @@ def evolve_fooling_images(model: nn.Module, encoding: str = "cppn", generations:
         raise ValueError(f"unknown encoding {encoding!r}; expected 'direct' or 'cppn'")
     generations, children = _check_count(generations, "generations"), _check_count(children, "children")
     scales = _check_count(scales, "scales")
+    patience = None if patience is None else _check_count(patience, "patience")
     if not 0 < threshold < 1:
         raise ValueError(f"expected a confidence threshold in (0, 1), got {threshold!r}")
     sigma = (0.5 if encoding == "cppn" else 0.3) if sigma is None else _check_eps(sigma, "sigma")
@@ -655,8 +666,11 @@ def evolve_fooling_images(model: nn.Module, encoding: str = "cppn", generations:
         pool = _random_cppn(n, gen) if encoding == "cppn" else torch.rand(n, 3, size, size, generator=gen)
         logp = model(render(pool)).log_softmax(1).cpu()  # (n, K)
         queries += n
-        best, src = logp.max(0)  # per class: the best of the initial population
-        archive = _take(pool, src)
+        best, src = logp.max(0)  # (K,) per class: the best of the initial population
+        elites, parents = _take(pool, src), _take(pool, src)  # the archive; where each lineage climbs from
+        elite_logp = logp[src]  # (K, K): row j = log p of every class for class j's elite
+        fit, stall = best.clone(), torch.zeros(K, dtype=torch.long)  # each parent's log p_c; generations flat
+        restarts = torch.zeros(K, dtype=torch.long)
         log_threshold = math.log(threshold)
         ladder = sigma * 4.0 ** -torch.arange(scales, dtype=torch.float32)  # (scales,) sigma, sigma/4, ...
         history, generation = [], 0
@@ -665,22 +679,32 @@ def evolve_fooling_images(model: nn.Module, encoding: str = "cppn", generations:
             if len(todo) == 0:
                 break  # every class is there
             generation += 1
-            parents = todo[torch.arange(n) % len(todo)]  # (n,) round robin over them
+            mothers = todo[torch.arange(n) % len(todo)]  # (n,) round robin over them
             step = ladder[(torch.arange(n) // len(todo)) % scales]  # (n,) each parent's children at every scale
-            kids = mutate(_take(archive, parents), step)
+            kids = mutate(_take(parents, mothers), step)
             logp = model(render(kids)).log_softmax(1).cpu()  # (n, K)
             queries += n
-            top, who = logp.max(0)  # the best child for each class
-            better = top > best
-            if better.any():
-                idx = better.nonzero().flatten()
-                _put(archive, idx, kids, who[idx])
-                best[idx] = top[idx]
+            top, who = logp.max(0)  # (K,) the best child for each class
+            climbed = top > fit  # the lineage moves up
+            idx = climbed.nonzero().flatten()
+            _put(parents, idx, kids, who[idx])
+            fit[idx], stall = top[idx], torch.where(climbed, 0, stall + 1)
+            idx = (top > best).nonzero().flatten()  # a new elite
+            _put(elites, idx, kids, who[idx])
+            best[idx], elite_logp[idx] = top[idx], logp[who[idx]]
+            if patience is not None and K > 1:
+                for c in todo[stall[todo] >= patience].tolist():  # cross-niche seeding of stalled classes
+                    donors = elite_logp[:, c].clone()  # (K,) log p_c of each class's elite
+                    donors[c] = -math.inf
+                    donor = donors.argsort(descending=True)[restarts[c] % (K - 1)]  # best first, then the next
+                    _put(parents, torch.tensor([c]), elites, donor.view(1))
+                    fit[c], stall[c], restarts[c] = elite_logp[donor, c], 0, restarts[c] + 1
             history.append(best.exp().min().item())
-        images = render(archive).detach()
+        images = render(elites).detach()
         confidence = model(images).softmax(1).diagonal()
         queries += K
-    return EvolvedResult(images.cpu(), confidence.cpu(), queries, generation, history, encoding)
+    return EvolvedResult(images.cpu(), confidence.cpu(), queries, generation, history, encoding,
+                         int(restarts.sum()))
 
 
 # ---- measuring attacks -----------------------------------------------------------------------------------

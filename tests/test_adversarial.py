@@ -265,6 +265,37 @@ def test_evolution_stops_once_every_class_reaches_the_threshold(encoding):
     assert easy.generations == 0 and easy.history == [] and easy.queries == 1 + 3 * 4 + 3
 
 
+class _Ridge(nn.Module):
+    """Three classes scored on one number, w = 10 (mean pixel - 0.5): logits (10 w, exp(12 (w - 0.58)), -10 w).
+    Random images start at w ~ 0, where class 1's best move is back towards w = 0 (p_1 <= 1/3 there: a local
+    optimum), while its high ground lies beyond class 0's: class 0's lineage stops at p_0 >= 0.99 near
+    w = 0.55, where the exponential is already steeper than 10 w, so a lineage started there climbs to p_1 ~ 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(10.0))
+
+    def forward(self, x):
+        w = (x.mean((1, 2, 3)) - 0.5) * self.scale  # (N,)
+        return torch.stack([10 * w, torch.exp(12 * (w - 0.58)), -10 * w], 1)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_cross_niche_seeding_frees_a_class_stuck_on_a_local_optimum(seed):
+    """Without restarts class 1 never leaves p_1 ~ 1/3 (300 generations); with them, its lineage is restarted
+    from class 0's elite and every class reaches the threshold. Both runs are seeded and reproduce."""
+    model = _Ridge().eval()
+    run = dict(encoding="direct", generations=300, children=4, size=4, threshold=0.99, seed=seed, progress=False)
+    stuck = A.evolve_fooling_images(model, patience=None, **run)
+    assert stuck.generations == 300 and stuck.restarts == 0 and stuck.confidence[1] < 0.34, stuck.confidence
+    freed = A.evolve_fooling_images(model, patience=20, **run)
+    assert freed.restarts >= 1 and freed.generations < 300, freed
+    assert (freed.confidence >= 0.99 - 1e-6).all(), freed.confidence
+    assert freed.queries == 1 + 3 * 4 + freed.generations * 3 * 4 + 3
+    again = A.evolve_fooling_images(model, patience=20, **run)
+    assert torch.equal(again.images, freed.images) and again.restarts == freed.restarts
+
+
 def test_transfer_matrix_diagonal_is_white_box(course, batch):
     x, y = batch
     m = A.transfer_matrix({"a": course, "b": course}, x, y, attack=lambda mm, xs, ys: A.fgsm(mm, xs, ys, 8 / 255))
@@ -316,6 +347,7 @@ def test_model_left_as_found_also_when_raising(name):
     (lambda m, x, y: A.fgsm(m, x[0], y, 2 / 255), r"\(N, 3, H, W\)"),
     (lambda m, x, y: A.fooling_image(m, x, y, threshold=1.5), "threshold"),
     (lambda m, x, y: A.evolve_fooling_images(m, encoding="pixels"), "encoding"),
+    (lambda m, x, y: A.evolve_fooling_images(m, patience=0), "patience"),
     (lambda m, x, y: A.adversarial_patch(m, x, 1, patch=40), "patch no larger"),
     (lambda m, x, y: A.universal_perturbation(m, x, 0.05, method="adam"), "method"),
 ])
