@@ -591,6 +591,12 @@ def _put(archive, idx: torch.Tensor, new, src: torch.Tensor) -> None:
         archive[idx] = new[src]
 
 
+def _log_odds(logp: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) from log p, in double precision (near p = 1, 1 - p is -expm1(log p))."""
+    logp = logp.double()
+    return logp - torch.log(-torch.expm1(logp))
+
+
 @dataclass
 class EvolvedResult:
     """The MAP-Elites archive: one elite image per class (K, 3, S, S), its confidence p_class (K,), the number
@@ -608,7 +614,8 @@ class EvolvedResult:
 
 def evolve_fooling_images(model: nn.Module, encoding: str = "cppn", generations: int = 200, children: int = 4,
                           size: int = 64, threshold: float = 0.9999, sigma: float | None = None,
-                          rate: float | None = None, scales: int = 4, patience: int | None = 50, seed: int = 0,
+                          rate: float | None = None, scales: int = 4, patience: int | None = 50, gain: float = 1.0,
+                          seed: int = 0,
                           progress: bool = True) -> EvolvedResult:
     """Evolve images the network classifies with confidence >= ``threshold``, reading only its outputs
     (Nguyen, Yosinski and Clune 2015): no gradients, a black box.
@@ -623,8 +630,9 @@ def evolve_fooling_images(model: nn.Module, encoding: str = "cppn", generations:
     fine ones climb the last digits (1 - p_c of 1e-4 needs steps far smaller than the ones that found
     p_c = 0.9). Fitness is compared as log p_c (float32 probabilities round to 1 near 0.99999).
 
-    Cross-niche seeding: a class whose parent has not improved for ``patience`` generations sits on a
-    local optimum, and its own lineage will not leave it. Its parent is replaced by the elite of
+    Cross-niche seeding: a class whose lineage has not gained ``gain`` in log-odds,
+    log(p_c / (1 - p_c)), over ``patience`` generations sits on (or creeps up) a local optimum, and its own
+    lineage will not leave it in time. Its parent is replaced by the elite of
     another class (first the one with the highest p_c, then the next best at each further restart):
     the paper saw a champion of one class often become the parent of another's. The new lineage may
     start below the old elite, which the archive keeps until a better image is found. ``patience=None``
@@ -643,6 +651,7 @@ def evolve_fooling_images(model: nn.Module, encoding: str = "cppn", generations:
     generations, children = _check_count(generations, "generations"), _check_count(children, "children")
     scales = _check_count(scales, "scales")
     patience = None if patience is None else _check_count(patience, "patience")
+    gain = _check_eps(gain, "gain")
     if not 0 < threshold < 1:
         raise ValueError(f"expected a confidence threshold in (0, 1), got {threshold!r}")
     sigma = (0.5 if encoding == "cppn" else 0.3) if sigma is None else _check_eps(sigma, "sigma")
@@ -670,6 +679,7 @@ def evolve_fooling_images(model: nn.Module, encoding: str = "cppn", generations:
         elites, parents = _take(pool, src), _take(pool, src)  # the archive; where each lineage climbs from
         elite_logp = logp[src]  # (K, K): row j = log p of every class for class j's elite
         fit, stall = best.clone(), torch.zeros(K, dtype=torch.long)  # each parent's log p_c; generations flat
+        mark = _log_odds(fit)  # (K,) each lineage's log-odds when it last gained ``gain``
         restarts = torch.zeros(K, dtype=torch.long)
         log_threshold = math.log(threshold)
         ladder = sigma * 4.0 ** -torch.arange(scales, dtype=torch.float32)  # (scales,) sigma, sigma/4, ...
@@ -688,7 +698,9 @@ def evolve_fooling_images(model: nn.Module, encoding: str = "cppn", generations:
             climbed = top > fit  # the lineage moves up
             idx = climbed.nonzero().flatten()
             _put(parents, idx, kids, who[idx])
-            fit[idx], stall = top[idx], torch.where(climbed, 0, stall + 1)
+            fit[idx] = top[idx]
+            gained = _log_odds(fit) >= mark + gain  # (K,) progress, not a creep up the last digits
+            mark, stall = torch.where(gained, _log_odds(fit), mark), torch.where(gained, 0, stall + 1)
             idx = (top > best).nonzero().flatten()  # a new elite
             _put(elites, idx, kids, who[idx])
             best[idx], elite_logp[idx] = top[idx], logp[who[idx]]
@@ -699,6 +711,7 @@ def evolve_fooling_images(model: nn.Module, encoding: str = "cppn", generations:
                     donor = donors.argsort(descending=True)[restarts[c] % (K - 1)]  # best first, then the next
                     _put(parents, torch.tensor([c]), elites, donor.view(1))
                     fit[c], stall[c], restarts[c] = elite_logp[donor, c], 0, restarts[c] + 1
+                    mark[c] = _log_odds(fit[c])
             history.append(best.exp().min().item())
         images = render(elites).detach()
         confidence = model(images).softmax(1).diagonal()
@@ -719,18 +732,39 @@ def accuracy(model: nn.Module, x: torch.Tensor, labels, batch_size: int = 512) -
 
 
 def accuracy_under_attack(model: nn.Module, x: torch.Tensor, labels, eps_values, attack: str = "pgd",
-                          **attack_kwargs) -> dict[float, float]:
+                          nested: bool = False, **attack_kwargs) -> dict[float, float]:
     """``{eps: accuracy}`` of ``model`` on ``attack(model, x, labels, eps)`` for each eps (pixel units);
     ``attack``: ``"fgsm"`` or ``"pgd"`` (``attack_kwargs`` go to it, e.g. ``steps=10``).
+
+    ``nested=True`` goes through the eps in increasing order and attacks only the images still classified
+    correctly: an image fooled at a smaller eps counts as fooled at every larger one, since its adversarial
+    example lies inside the larger ball too. Accuracy at eps is then that of the strongest of the attacks
+    at eps and below (at most the plain figure), for the work on the images still standing: on an
+    undefended model most images fall at the small eps, so the large ones cost little.
     Notebook: 14_adversarial_examples
     """
     attacks = {"fgsm": fgsm, "pgd": pgd}
     if attack not in attacks:
         raise ValueError(f"unknown attack {attack!r}; expected one of {sorted(attacks)}")
+    if not nested:
+        result = {}
+        for eps in eps_values:
+            x_adv = x if eps == 0 else attacks[attack](model, x, labels, eps, **attack_kwargs)
+            result[float(eps)] = accuracy(model, x_adv, labels)
+        return result
+    x = check_images(x)
+    device = model_device(model, x.device)
+    labels = check_targets(labels, len(x)).to(device)
+    with preserved(model):
+        standing = _predict(model, x.to(device)) == labels  # (N,) correct on the clean images
     result = {}
-    for eps in eps_values:
-        x_adv = x if eps == 0 else attacks[attack](model, x, labels, eps, **attack_kwargs)
-        result[float(eps)] = accuracy(model, x_adv, labels)
+    for eps in sorted(float(e) for e in eps_values):
+        idx = standing.nonzero().flatten()  # the images no smaller eps has fooled
+        if eps > 0 and len(idx):
+            x_adv = attacks[attack](model, x[idx.to(x.device)], labels[idx], eps, **attack_kwargs)
+            with preserved(model):
+                standing[idx] = _predict(model, x_adv.to(device)) == labels[idx]
+        result[eps] = standing.float().mean().item()
     return result
 
 
