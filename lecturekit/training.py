@@ -192,24 +192,29 @@ def _fgsm_random_start(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: 
 
 
 def overfit_small_sample(model: nn.Module, n: int = 64, steps: int = 150, lr: float = 0.05,
-                         seed: int = 0, progress: bool = True) -> History:
-    """Step 2 of the recipe: train on ``n`` fixed images, no weight decay, until it memorises them."""
-    sample = data.shapes(n, seed=seed + 1000)
+                         seed: int = 0, progress: bool = True, size: int = 64) -> History:
+    """Step 2 of the recipe: train on ``n`` fixed ``size`` x ``size`` images, no weight decay, until it
+    memorises them."""
+    sample = data.shapes(n, seed=seed + 1000, size=size)
     return train(model, steps, lr, weight_decay=0.0, batch_size=min(n, 64), sample=sample,
                  seed=seed, progress=progress)
 
 
 def lr_sweep(make_model, lrs, steps: int = 100, weight_decay: float = 1e-4, batch_size: int = 64,
-             seed: int = 0, progress: bool = True) -> dict[float, History]:
-    """Step 3: a short run for each learning rate from the same initial weights; lr -> History."""
-    return {lr: train(make_model(), steps, lr, weight_decay, batch_size, seed=seed, progress=progress)
-            for lr in lrs}
+             seed: int = 0, progress: bool = True, sample: data.ShapesBatch | None = None) -> dict[float, History]:
+    """Step 3: a short run for each learning rate from the same initial weights; lr -> History.
+    ``sample``: minibatches cycle through these images (as in :func:`train`) instead of fresh ones."""
+    return {lr: train(make_model(), steps, lr, weight_decay, batch_size, seed=seed, sample=sample,
+                      progress=progress) for lr in lrs}
 
 
 def random_search(make_model, trials: int, steps: int, lr_range=(1e-3, 1.0), wd_range=(1e-6, 1e-2),
                   val: data.ShapesBatch | None = None, batch_size: int = 64, seed: int = 0,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, sample: data.ShapesBatch | None = None) -> list[dict]:
     """Step 4: ``trials`` short runs with learning rate and weight decay drawn log-uniformly.
+
+    Coarse to fine: call it again with narrower ranges around the best trial. ``sample``: minibatches
+    cycle through these images (as in :func:`train`) instead of fresh ones.
 
     Returns one dict per trial: lr, weight_decay, final_loss, val_acc (if ``val``), history.
     """
@@ -218,7 +223,7 @@ def random_search(make_model, trials: int, steps: int, lr_range=(1e-3, 1.0), wd_
     for trial in range(trials):
         lr = float(10 ** rng.uniform(*np.log10(lr_range)))
         wd = float(10 ** rng.uniform(*np.log10(wd_range)))
-        h = train(make_model(), steps, lr, wd, batch_size, seed=seed, val=val, val_every=steps,
+        h = train(make_model(), steps, lr, wd, batch_size, seed=seed, sample=sample, val=val, val_every=steps,
                   progress=progress)
         results.append(dict(lr=lr, weight_decay=wd, final_loss=h.final_loss,
                             val_acc=h.val_acc[-1] if h.val_acc else float("nan"), history=h))

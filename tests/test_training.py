@@ -82,3 +82,21 @@ def test_fuse_batchnorm_gives_the_same_outputs():
     assert [type(m) for m in plain.features] == [type(m) for m in models.CourseNet().features]
     with pytest.raises(ValueError, match="batchnorm=True"):
         models.fuse_batchnorm(models.CourseNet())
+
+
+def test_recipe_steps_train_on_a_given_sample_and_image_size():
+    """lr_sweep and random_search with ``sample`` equal train(..., sample=) run by hand; overfit_small_sample
+    with ``size`` memorises images of that size (notebook 00 runs the recipe on 32 x 32 images)."""
+    pool = data.shapes(12, seed=5, size=32)
+    make = lambda: training.trainable_model(seed=0)  # noqa: E731
+    by_hand = training.train(make(), 3, 0.05, 1e-4, 4, seed=0, sample=pool, progress=False)
+    sweep = training.lr_sweep(make, [0.05], steps=3, batch_size=4, sample=pool, progress=False)
+    assert sweep[0.05].loss == by_hand.loss
+    trial = training.random_search(make, trials=1, steps=3, lr_range=(0.05, 0.05), wd_range=(1e-4, 1e-4),
+                                   batch_size=4, sample=pool, progress=False)[0]
+    assert trial["history"].loss == by_hand.loss
+    fresh = training.lr_sweep(make, [0.05], steps=3, batch_size=4, progress=False)[0.05]
+    assert fresh.loss != by_hand.loss  # without sample: fresh 64 x 64 images
+    model = training.trainable_model(seed=0)
+    training.overfit_small_sample(model, n=16, steps=40, size=32, progress=False)
+    assert training.evaluate(model, data.shapes(16, seed=1000, size=32)) == 1.0
