@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from . import allocator
+
 __all__ = ["build_course", "build_notebook", "run_notebook", "offline_notebook", "notebook_html", "math_to_mathml",
            "notebook_problems", "html_problems", "write_index", "STANDIN_LINE"]
 
@@ -119,7 +121,9 @@ def run_notebook(path: Path, fast: bool = False, timeout: int = 1800, standin: s
 
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
-    env = dict(os.environ, MPLBACKEND=INLINE_BACKEND)  # an inherited MPLBACKEND=Agg would hide every figure
+    # allocator.ENVIRONMENT first, so that a value the user set wins; an inherited MPLBACKEND=Agg
+    # would hide every figure, so the inline backend always wins.
+    env = {**allocator.ENVIRONMENT, **os.environ, "MPLBACKEND": INLINE_BACKEND}
     env["LECTUREKIT_STANDIN"] = standin or os.environ.get("LECTUREKIT_STANDIN") or "auto"
     if fast:
         env["LECTUREKIT_FAST"] = "1"

@@ -65,6 +65,22 @@ def test_train_course_model_writes_loadable_weights(tmp_path, monkeypatch):
     assert torch.load(out, weights_only=True)["recipe"]["steps"] == 2
 
 
+def test_validating_less_often_trains_the_same_weights():
+    """train_course_model validates once at the end: validation must not touch the training itself
+    (batch-norm statistics, the data stream, the random state)."""
+    val = data.shapes(8, seed=training.VALIDATION_SEED)
+    runs = []
+    for val_every in (1, 4):
+        model = training.trainable_model(seed=0)
+        history = training.train(model, 4, 0.05, 1e-4, 8, seed=0, val=val, val_every=val_every,
+                                 schedule="onecycle", progress=False)
+        runs.append((model.state_dict(), history))
+    (often, h_often), (once, h_once) = runs
+    assert len(h_often.val_acc) == 4 and len(h_once.val_acc) == 1
+    assert all(torch.equal(often[k], once[k]) for k in often)
+    assert h_often.val_acc[-1] == h_once.val_acc[-1] and h_often.loss == h_once.loss
+
+
 def test_fuse_batchnorm_gives_the_same_outputs():
     model = training.trainable_model(seed=3)
     model.train()
