@@ -11,7 +11,9 @@ table gives per notebook the wall time, the kernel's CPU time (user + sys of the
 children, from ``getrusage(RUSAGE_CHILDREN)`` once the kernel has ended), the mean 1-minute load average
 during the run, the status, and the slowest cell. On a machine shared with other jobs the wall time
 mostly measures the neighbours; the CPU time at ``--threads 1`` is the work done, and on a quiet 2-core
-machine the wall time is at most that.
+machine the wall time is at most that. So the targets are checked against the CPU time at ``--threads 1``
+and against the wall time otherwise (with more threads the CPU time counts every thread, also while it
+waits for the others, and says nothing about how long a student waits).
 
 Targets (issue 15): each notebook's full setting within 5 minutes, the whole build within 15 minutes.
 A row over 5 minutes is flagged ``SLOW``, a failed notebook ``FAIL``.
@@ -107,24 +109,27 @@ def main(argv: list[str] | None = None) -> int:
     setting = "FAST settings" if args.quick else "full settings"
     print(f"course build, {setting}, threads: {os.environ.get('OMP_NUM_THREADS', 'default')}, "
           f"{os.cpu_count()} CPUs, LECTUREKIT_STANDIN={os.environ.get('LECTUREKIT_STANDIN', 'auto')}", flush=True)
+    measure = "cpu_s" if args.threads == 1 else "seconds"  # the module docstring says why
+    label = "CPU" if measure == "cpu_s" else "wall"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         rows, records = [], []
         for path in notebooks:
             r = bench_notebook(path, out, fast=args.quick, timeout=args.timeout, heartbeat=args.heartbeat)
             records.append(r)
-            flag = "FAIL " if r["status"] != "ok" else ("SLOW " if r["cpu_s"] > NOTEBOOK_TARGET_S else "")
+            flag = "FAIL " if r["status"] != "ok" else ("SLOW " if r[measure] > NOTEBOOK_TARGET_S else "")
             cell, cell_s = r["slowest"]
             rows.append((r["name"] + (" (stand-in)" if r["standin"] else ""),
                          f"wall {r['seconds']:.0f}, CPU {r['cpu_s']:.0f}, load {r['load']:.1f}, "
                          f"slowest cell {cell} ({cell_s:.0f} s)",
-                         flag + r["status"][:60], f"CPU <= {NOTEBOOK_TARGET_S:.0f} s"))
+                         flag + r["status"][:60], f"{label} <= {NOTEBOOK_TARGET_S:.0f} s"))
             print(" | ".join(rows[-1]), flush=True)
         wall, cpu = sum(r["seconds"] for r in records), sum(r["cpu_s"] for r in records)
         ok = sum(r["status"] == "ok" for r in records)
+        total = cpu if measure == "cpu_s" else wall
         rows.append(("total", f"wall {wall:.0f}, CPU {cpu:.0f}",
-                     ("SLOW " if cpu > COURSE_TARGET_S else "") + f"{ok}/{len(records)} ok",
-                     f"CPU <= {COURSE_TARGET_S:.0f} s"))
+                     ("SLOW " if total > COURSE_TARGET_S else "") + f"{ok}/{len(records)} ok",
+                     f"{label} <= {COURSE_TARGET_S:.0f} s"))
         print()
         print_table(rows, widths=(40, 58, 12))
         print("CPU s at one thread is the work done; wall s includes the machine's other jobs")
