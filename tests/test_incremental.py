@@ -70,10 +70,13 @@ def corners_with_borders(H, W, ph, pw):
     return [(y, x) for y in ys for x in xs]
 
 
-@pytest.mark.parametrize("fraction", [inc.FULL_FRACTION, 1.0])  # 1.0: windows until the global pooling
-@pytest.mark.parametrize("patch", [(5, 7), (1, 1), (12, 9)])
+@pytest.mark.parametrize("fraction", [0.6, 1.0, "never"])  # never: windows until the global pooling,
+@pytest.mark.parametrize("patch", [(5, 7), (1, 1), (12, 9)])  # also windows that cover the whole map
 def test_every_layer_matches_the_plain_forward_pass(patch, fraction, monkeypatch):
-    monkeypatch.setattr(inc, "FULL_FRACTION", fraction)
+    if fraction == "never":
+        monkeypatch.setattr(inc, "_too_big", lambda L, size: False)
+    else:
+        monkeypatch.setattr(inc, "FULL_FRACTION", fraction)
     net = zoo()
     x = torch.rand(1, 3, 40, 36, dtype=torch.float64)
     corners = corners_with_borders(40, 36, *patch)
