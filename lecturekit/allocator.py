@@ -3,13 +3,13 @@
 glibc's malloc serves every block above ``M_MMAP_THRESHOLD`` (128 KiB at start, raised dynamically up
 to 32 MiB on 64-bit systems) with a fresh ``mmap`` and returns it to the kernel on ``free``. CourseNet's
 first activation at a batch of 128 is 128 x 32 x 64 x 64 floats = 64 MiB, above that ceiling, so every
-training step maps its largest buffers anew and touches each page once more: measured on this
-2-core machine over 60 steps of ``lecturekit train --biased`` at one thread, 4.7 M minor page faults
+training step maps its largest buffers anew and touches each page once more: measured on the 2-core
+development machine over 60 steps of ``lecturekit train --biased`` at one thread, 4.7 M minor page faults
 and 14.3 s of system time next to 37.9 s of user time. Raising both thresholds to 1 GiB lets malloc
 reuse the freed blocks: 0.27 M faults and 1.1 s of system time, the same weights.
 
-PyTorch's performance tuning guide recommends swapping in jemalloc or tcmalloc for CPU training for
-this reason; we tune glibc's own allocator with ``mallopt`` instead, because it is always there on
+PyTorch's performance tuning guide recommends jemalloc or TCMalloc for CPU workloads, which reuse
+memory better than the default; we tune glibc's own allocator with ``mallopt`` instead, because it is always there on
 Linux and a student's machine may not have the others. Elsewhere (macOS,
 Windows, musl) :func:`keep_freed_memory` does nothing and says so by returning False.
 

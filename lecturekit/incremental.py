@@ -42,7 +42,7 @@ It is always given up once it covers the whole map: a convolution on the window 
 plus its zero border assembled by hand, where on full copies the library pads natively, about 10%
 faster (one thread, ResNet-18's layer4: 0.50 against 0.45 s for 64 copies). Measured on the whole
 occlusion map of ResNet-18 (224 px, patch 16, stride 8, one thread), windows until they cover the map
-were 3-8% faster than giving up at 0.6 of it, and SqueezeNet's were no slower
+were 2-9% faster than giving up at 0.6 of it, and SqueezeNet's were no slower
 (benchmarks/RESULTS.md, issue 17).
 """
 
